@@ -10,6 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenes", type=int, default=20, help="rendered 4-view scenes for the baseline table (default 20)")
     p.add_argument("--size", type=int, default=128, help="rendered image size (default 128)")
     p.add_argument("--seed", type=int, default=1_000_000, help="first scene seed (held-out range by default)")
+    p.add_argument("--sets", type=int, default=4, help="generated 4-view sets to probe and score (default 4)")
+    p.add_argument("--model", default=None, help="model folder or name under data/ (default: the embedded model)")
+    p.add_argument("--num-steps", type=int, default=None, help="sampling steps (default: the model's default)")
     p.set_defaults(func=run)
 
 
@@ -33,4 +36,23 @@ def run(args) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for name, reason in skipped.items():
         print(f"  {name}: unavailable ({reason.splitlines()[0]})")
+
+    from ..comparison import comparison_figure, probe_generations
+    from ..model import load_default
+    from ..plotting import figure_to_png
+    from ..probing import comparison_table
+    from ..io_utils import atomic_write_bytes
+
+    print(f"\n[2/2] probe-and-score: {args.sets} generated 4-view sets of the embedded model, native "
+          f"correspondences (all multi-image layers, all steps) vs controls and baselines on the same images")
+    pipe = load_default(args.model)
+    dirs = probe_generations(pipe, range(args.seed, args.seed + args.sets), out / "generated",
+                             num_inference_steps=args.num_steps)
+    table = comparison_table(dirs, thresholds=tuple(range(1, 11)), controls=("identity", "chance", "appearance"))
+    atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
+    shown = table[table["threshold"].isin([1.0, 2.0, 5.0, 10.0])].drop(columns=["note", "n_sets"])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    fig = comparison_figure(table, title=f"native correspondences vs baselines, {args.sets} generated sets")
+    atomic_write_bytes(out / "comparison.png", figure_to_png(fig, dpi=110))
+    print(f"\ntables and plot: {out}/baseline_scores.csv, {out}/comparison.csv, {out}/comparison.png")
     return 0

@@ -1,0 +1,58 @@
+"""Native correspondences inside multi-image attention: matcher, taps, probe, records, scoring.
+
+>>> import corrlab
+>>> corrlab.probe.layers(pipe)                                   # doctest: +SKIP
+>>> with corrlab.probe(pipe, layers=["blocks.7.attn"]) as rec:    # doctest: +SKIP
+...     mvs = pipe("red striped box", seed=0)
+>>> rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)   # doctest: +SKIP
+>>> score_record(rec)                                             # doctest: +SKIP
+"""
+from .controls import CONTROLS, appearance_matches, chance_matches, control_matches, identity_matches
+from .matcher import MATCHING_DEFAULTS, HistoryMax, TokenMatches, match_tokens, match_views
+from .probe import ProbeRecorder, probe
+from .record import ProbeRecord, RecordBuilder
+from .scoring import (
+    DEFAULT_THRESHOLDS,
+    best_layer_step,
+    comparison_table,
+    pck_record,
+    pool_scores,
+    probe_rendered,
+    score_baselines_on_set,
+    score_controls,
+    score_record,
+    score_token_matches,
+)
+from .taps import AttentionCall, AttentionTaps, LayerInfo, TokenLayout, list_layers
+
+__all__ = [
+    "probe",
+    "ProbeRecorder",
+    "ProbeRecord",
+    "RecordBuilder",
+    "TokenMatches",
+    "MATCHING_DEFAULTS",
+    "match_tokens",
+    "match_views",
+    "HistoryMax",
+    "CONTROLS",
+    "chance_matches",
+    "identity_matches",
+    "appearance_matches",
+    "control_matches",
+    "DEFAULT_THRESHOLDS",
+    "score_record",
+    "score_token_matches",
+    "score_controls",
+    "score_baselines_on_set",
+    "pck_record",
+    "probe_rendered",
+    "comparison_table",
+    "pool_scores",
+    "best_layer_step",
+    "AttentionCall",
+    "AttentionTaps",
+    "LayerInfo",
+    "TokenLayout",
+    "list_layers",
+]

@@ -1,0 +1,162 @@
+"""``probe(...)``: record native correspondences while a model runs its ordinary generation call.
+
+>>> with corrlab.probe(pipe, layers=["blocks.7.attn"], steps=[5, 10]) as rec:     # doctest: +SKIP
+...     mvs = pipe("red striped box", seed=0)
+>>> rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)          # doctest: +SKIP
+>>> rec.ds          # xarray Dataset (layer, step, src, tgt, head, row, col)     # doctest: +SKIP
+
+The probe taps the layers through :class:`corrlab.probing.taps.AttentionTaps` (observe only: the model's
+outputs stay bit-identical, and everything is detached on exit, also on exceptions). On each call of a
+selected layer at a selected step it matches, for every ordered image pair (i != j), the queries of
+image i against the keys of image j with :func:`corrlab.probing.matcher.match_views` (chunked, so the
+extra memory per call is ``O(chunk_size x h*w)``; no second forward pass) and stores, per source token,
+the matched token, its confidence and the kept flag. The record grows by a few bytes per (layer, step,
+pair, head, token), independent of anything else.
+
+Steps: a step is a run of denoiser calls with the same ``timestep`` value, counted from 0 in call order
+(a call without a timestep is a step of its own). Within a step only the first call of a layer is
+recorded (e.g. the positive-prompt call of a true-CFG pipeline that calls the denoiser twice).
+
+Batch: with classifier-free guidance a pipeline batches the conditional and unconditional branches.
+``batch_index=None`` picks the conditional one: index 0 for corrlab's pipeline (``[cond, uncond]``), and
+for a diffusers pipeline whose ``do_classifier_free_guidance`` is true the first element of the second
+half (``[uncond, cond]``); otherwise 0. Pass an int to choose.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+
+from ..errors import CorrlabError, ValueRangeError, describe
+from .matcher import MATCHING_DEFAULTS, HistoryMax, Workspace, check_matching_options, match_views
+from .record import ProbeRecord, RecordBuilder
+from .taps import AttentionCall, AttentionTaps, list_layers
+
+__all__ = ["probe", "ProbeRecorder"]
+
+
+def _is_corrlab(model_or_pipeline: Any) -> bool:
+    from ..model import CorrlabPipeline, MultiViewDiT
+
+    return isinstance(model_or_pipeline, (CorrlabPipeline, MultiViewDiT))
+
+
+class ProbeRecorder:
+    """The ``on_call`` of the taps: derives steps, selects the batch entry, matches, stores."""
+
+    def __init__(self, model_or_pipeline: Any, builder: RecordBuilder, steps: Sequence[int] | None,
+                 batch_index: int | None, matching: dict, history: int | None):
+        self.target = model_or_pipeline
+        self.builder = builder
+        self.steps = None if steps is None else set(steps)
+        self.batch_index = batch_index
+        self.matching = matching
+        self.history = HistoryMax(history) if history is not None else None
+        self.workspace = Workspace()  # block buffers reused across calls: O(chunk_size x h*w) memory
+        self.corrlab_model = _is_corrlab(model_or_pipeline)
+        self.step = -1
+        self._last_call: int | None = None
+        self._last_timestep: float | None = None
+        self._done: set[tuple[str, int]] = set()
+
+    def _step_of(self, call: AttentionCall) -> int:
+        if call.call_index != self._last_call:
+            if call.timestep is None or self._last_timestep is None or call.timestep != self._last_timestep:
+                self.step += 1
+            self._last_call, self._last_timestep = call.call_index, call.timestep
+        return self.step
+
+    def _batch_entry(self, batch: int) -> int:
+        b = self.batch_index
+        if b is None:
+            cfg = bool(getattr(self.target, "do_classifier_free_guidance", False)) and not self.corrlab_model
+            b = batch // 2 if cfg and batch % 2 == 0 else 0
+        if not -batch <= b < batch:
+            raise ValueRangeError(f"batch_index: expected an index into the layer's batch of {batch}, got {b}")
+        return b % batch
+
+    def __call__(self, call: AttentionCall) -> None:
+        step = self._step_of(call)
+        key = (call.layer, step)
+        wanted = (self.steps is None or step in self.steps) and key not in self._done
+        if not wanted and self.history is None:
+            return None
+        b = self._batch_entry(call.q.shape[0])
+        q, k = call.q[b], call.k[b]  # (V, heads, N, d)
+        if self.history is not None:
+            q, k = self.history.update(call.layer, q, k)
+        if not wanted:
+            return None
+        self._done.add(key)
+        layout = call.layout
+        num_images, num_heads = q.shape[0], q.shape[1]
+        hp = num_heads if self.matching["heads"] == "per_head" else 1
+        self.builder.add_layer(call.layer, layout.grid, hp, layout.token_centres(), layout.image_size)
+        k_heads = k.transpose(0, 1)  # (heads, V, N, d)
+        for i in range(num_images):
+            tgts = [j for j in range(num_images) if j != i]
+            m = match_views(q[i], k_heads[:, tgts], layout.grid, scale=call.scale, workspace=self.workspace,
+                            **self.matching)
+            self.builder.add(call.layer, step, call.timestep, i, tgts, m.index, m.confidence, m.kept, num_images)
+        return None
+
+
+def _check_steps(steps) -> list[int] | None:
+    if steps is None:
+        return None
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        steps = [steps]
+    if isinstance(steps, (str, bytes)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+        raise ValueRangeError(f"steps: expected None or a list of step indices >= 0, got {describe(steps)}")
+    return sorted(set(steps))
+
+
+@contextmanager
+def probe(
+    model_or_pipeline: Any,
+    layers: Sequence[str] | None = None,
+    steps: Sequence[int] | None = None,
+    *,
+    batch_index: int | None = None,
+    history: int | None = None,
+    image_scale: float | None = None,
+    **matching,
+) -> Iterator[ProbeRecord]:
+    """Record native correspondences of ``model_or_pipeline`` during the calls inside the ``with``.
+
+    Args:
+        model_or_pipeline: corrlab's ``CorrlabPipeline`` / ``MultiViewDiT`` or a supported diffusers model
+            or pipeline (see :mod:`corrlab.probing.taps`).
+        layers: layer names (see ``probe.layers(model)``); None = all multi-image attention layers.
+        steps: step indices to record (None = every step); see the module docstring for what a step is.
+        batch_index: which batch entry to record (None = the conditional branch, see the module docstring).
+        history: if set, match with the element-wise max of q and k over the last ``history`` calls of
+            each layer (SyncDreamer release: 11); stores that many copies of q and k per layer.
+        image_scale: pixels of the generated images per latent pixel (default: from the pipeline).
+        **matching: options of :func:`corrlab.probing.matcher.match_tokens` (``similarity``, ``heads``,
+            ``confidence``, ``threshold``, ``window_radius``, ``mutual``, ``chunk_size``); defaults in
+            :data:`corrlab.probing.matcher.MATCHING_DEFAULTS`.
+
+    Yields:
+        A :class:`ProbeRecord`, filled while the block runs (``rec.ds`` can be read at any time). Attach
+        the prompt, seed and cameras afterwards with ``rec.set_meta(...)``.
+    """
+    unknown = sorted(set(matching) - set(MATCHING_DEFAULTS))
+    if unknown:
+        raise CorrlabError(f"matching: unknown options {unknown}; expected some of {sorted(MATCHING_DEFAULTS)}")
+    options = check_matching_options(**{**MATCHING_DEFAULTS, **matching})
+    step_list = _check_steps(steps)
+    if batch_index is not None and (isinstance(batch_index, bool) or not isinstance(batch_index, int)):
+        raise ValueRangeError(f"batch_index: expected None or an int, got {batch_index!r}")
+    if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
+        raise ValueRangeError(f"history: expected None or a positive int (calls kept per layer), got {history!r}")
+    recorded = {**options, "history": history, "steps": step_list}
+    builder = RecordBuilder(recorded, batch_index="auto" if batch_index is None else batch_index)
+    rec = ProbeRecord(builder=builder)
+    recorder = ProbeRecorder(model_or_pipeline, builder, step_list, batch_index, options, history)
+    with AttentionTaps(model_or_pipeline, layers, recorder, image_scale=image_scale):
+        yield rec
+
+
+probe.layers = list_layers

@@ -1,0 +1,359 @@
+"""Probe records: native correspondences as one labelled ``xarray.Dataset``, saved to one netCDF file.
+
+Layout of ``ProbeRecord.ds`` (format ``corrlab.probe_record``, version 1):
+
+* dims ``(layer, step, src, tgt, head, row, col)``; ``row``/``col`` index the SOURCE token grid of each
+  layer. Layers may differ in grid and in the number of matched heads ``H'``: ``row``, ``col``, ``head``
+  span the largest, smaller layers are padded.
+* coords ``layer`` (hook names), ``step`` (sampler step index), ``timestep(step)`` (the model's timestep
+  value, NaN if unknown), ``src``, ``tgt`` (image indices), ``head``, ``row``, ``col``; per layer
+  ``grid_rows(layer)``, ``grid_cols(layer)``, ``num_heads(layer)`` (``H'``, 1 for head-averaged matching).
+* variables on all seven dims: ``match_row``, ``match_col`` (int32, the matched target token; -1 where
+  there is none), ``match_x``, ``match_y`` (float32 pixel centre of the matched target token, NaN where
+  none), ``confidence`` (float32, NaN where none), ``kept`` (bool, False where none). "None" means:
+  ``src == tgt``, padding, or a (layer, step) that was not recorded.
+* ``src_x``, ``src_y`` (float64 on ``(layer, row, col)``): pixel centres of the source tokens.
+* attrs: ``format``, ``version``, ``matching`` (JSON of the matching options), ``image_height``,
+  ``image_width``, ``batch_index`` (the int asked for, or ``"auto"``), and when known ``prompt``, ``seed``, ``cameras`` (JSON list of
+  ``Camera.to_dict()``), ``model``.
+
+Pixels follow corrlab's convention (centre of the top-left pixel at (0, 0)).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from ..errors import CorrlabError, FormatError, ShapeError, describe
+
+__all__ = ["ProbeRecord", "RecordBuilder", "RECORD_FORMAT", "RECORD_VERSION", "MATCH_VARIABLES"]
+
+RECORD_FORMAT = "corrlab.probe_record"
+RECORD_VERSION = 1
+DIMS = ("layer", "step", "src", "tgt", "head", "row", "col")
+MATCH_VARIABLES = ("match_row", "match_col", "match_x", "match_y", "confidence", "kept")
+_OPTIONAL_ATTRS = ("prompt", "seed", "model")
+
+
+@dataclass
+class _LayerEntry:
+    grid: tuple[int, int]
+    num_heads: int
+    centres: np.ndarray  # (h*w, 2) float64
+    steps: dict = field(default_factory=dict)  # step -> (index, confidence, kept) arrays (V, V, H', N)
+
+
+class RecordBuilder:
+    """Collects matches call by call (bounded: small ints/floats per token) and builds the Dataset."""
+
+    def __init__(self, matching: dict, image_size: tuple[int, int] | None = None, batch_index: int | str = "auto"):
+        self.matching = dict(matching)
+        self.image_size = image_size
+        self.batch_index = batch_index if isinstance(batch_index, str) else int(batch_index)
+        self.num_images: int | None = None
+        self.layers: dict[str, _LayerEntry] = {}
+        self.timesteps: dict[int, float] = {}
+        self.version = 0  # bumped on every change, so a cached Dataset knows it is stale
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the recorded matches (index, confidence, kept per layer and step)."""
+        return sum(a.nbytes for e in self.layers.values() for arrays in e.steps.values() for a in arrays)
+
+    def add_layer(self, name: str, grid: tuple[int, int], num_heads: int, centres: torch.Tensor | np.ndarray,
+                  image_size: tuple[int, int]) -> None:
+        """Register a layer: ``grid (h, w)``, ``H'`` matched heads, token ``centres (h*w, 2)`` pixels."""
+        if name in self.layers:
+            return
+        centres = np.asarray(torch.as_tensor(centres, dtype=torch.float64).cpu())
+        if centres.shape != (grid[0] * grid[1], 2):
+            raise ShapeError(f"centres: expected shape ({grid[0] * grid[1]}, 2) for grid {grid}, got {describe(centres)}")
+        size = (int(image_size[0]), int(image_size[1]))
+        if self.image_size is None:
+            self.image_size = size
+        elif tuple(self.image_size) != size:
+            raise ShapeError(f"image_size: expected {tuple(self.image_size)} like the other layers, got {size} for {name!r}")
+        self.layers[name] = _LayerEntry(grid=(int(grid[0]), int(grid[1])), num_heads=int(num_heads), centres=centres)
+        self.version += 1
+
+    def add(self, layer: str, step: int, timestep: float | None, src: int, tgts: Sequence[int],
+            index: torch.Tensor, confidence: torch.Tensor, kept: torch.Tensor, num_images: int) -> None:
+        """Store the matches of source image ``src`` against ``tgts``: each ``(H', T, N)``."""
+        entry = self.layers[layer]
+        if self.num_images is None:
+            self.num_images = int(num_images)
+        elif self.num_images != num_images:
+            raise ShapeError(f"num_images: expected {self.num_images} like earlier calls, got {num_images} ({layer!r})")
+        n = entry.grid[0] * entry.grid[1]
+        shape = (entry.num_heads, len(tgts), n)
+        if tuple(index.shape) != shape:
+            raise ShapeError(f"index: expected shape {shape} for layer {layer!r}, got {describe(index)}")
+        if step not in entry.steps:
+            v, hp = self.num_images, entry.num_heads
+            entry.steps[step] = (
+                np.full((v, v, hp, n), -1, dtype=np.int32),
+                np.full((v, v, hp, n), np.nan, dtype=np.float32),
+                np.zeros((v, v, hp, n), dtype=bool),
+            )
+        idx, conf, kp = entry.steps[step]
+        tg = list(tgts)
+        idx[src, tg] = index.to("cpu", torch.int32).numpy().transpose(1, 0, 2)
+        conf[src, tg] = confidence.to("cpu", torch.float32).numpy().transpose(1, 0, 2)
+        kp[src, tg] = kept.to("cpu").numpy().transpose(1, 0, 2)
+        self.timesteps[step] = float("nan") if timestep is None else float(timestep)
+        self.version += 1
+
+    def build(self, attrs: dict) -> xr.Dataset:
+        """The record's Dataset (see the module docstring)."""
+        names = list(self.layers)
+        steps = sorted(self.timesteps)
+        v = self.num_images or 0
+        hmax = max((e.num_heads for e in self.layers.values()), default=0)
+        rmax = max((e.grid[0] for e in self.layers.values()), default=0)
+        cmax = max((e.grid[1] for e in self.layers.values()), default=0)
+        shape = (len(names), len(steps), v, v, hmax, rmax, cmax)
+        match_row = np.full(shape, -1, dtype=np.int32)
+        match_col = np.full(shape, -1, dtype=np.int32)
+        match_x = np.full(shape, np.nan, dtype=np.float32)
+        match_y = np.full(shape, np.nan, dtype=np.float32)
+        conf = np.full(shape, np.nan, dtype=np.float32)
+        kept = np.zeros(shape, dtype=bool)
+        src_x = np.full((len(names), rmax, cmax), np.nan)
+        src_y = np.full((len(names), rmax, cmax), np.nan)
+        step_pos = {s: i for i, s in enumerate(steps)}
+        for li, name in enumerate(names):
+            e = self.layers[name]
+            h, w = e.grid
+            src_x[li, :h, :w] = e.centres[:, 0].reshape(h, w)
+            src_y[li, :h, :w] = e.centres[:, 1].reshape(h, w)
+            for step, (idx, cf, kp) in e.steps.items():
+                si = step_pos[step]
+                valid = idx >= 0
+                safe = np.where(valid, idx, 0)
+                grid_shape = idx.shape[:3] + (h, w)
+                match_row[li, si, :, :, : e.num_heads, :h, :w] = np.where(valid, safe // w, -1).reshape(grid_shape)
+                match_col[li, si, :, :, : e.num_heads, :h, :w] = np.where(valid, safe % w, -1).reshape(grid_shape)
+                xy = e.centres[safe]  # (V, V, H', N, 2)
+                match_x[li, si, :, :, : e.num_heads, :h, :w] = np.where(valid, xy[..., 0], np.nan).reshape(grid_shape)
+                match_y[li, si, :, :, : e.num_heads, :h, :w] = np.where(valid, xy[..., 1], np.nan).reshape(grid_shape)
+                conf[li, si, :, :, : e.num_heads, :h, :w] = cf.reshape(grid_shape)
+                kept[li, si, :, :, : e.num_heads, :h, :w] = kp.reshape(grid_shape)
+        coords = {
+            "layer": np.array(names, dtype=str),
+            "step": np.array(steps, dtype=np.int64),
+            "timestep": ("step", np.array([self.timesteps[s] for s in steps], dtype=np.float64)),
+            "src": np.arange(v, dtype=np.int64),
+            "tgt": np.arange(v, dtype=np.int64),
+            "head": np.arange(hmax, dtype=np.int64),
+            "row": np.arange(rmax, dtype=np.int64),
+            "col": np.arange(cmax, dtype=np.int64),
+            "grid_rows": ("layer", np.array([self.layers[n].grid[0] for n in names], dtype=np.int64)),
+            "grid_cols": ("layer", np.array([self.layers[n].grid[1] for n in names], dtype=np.int64)),
+            "num_heads": ("layer", np.array([self.layers[n].num_heads for n in names], dtype=np.int64)),
+        }
+        data = {
+            "match_row": (DIMS, match_row), "match_col": (DIMS, match_col),
+            "match_x": (DIMS, match_x), "match_y": (DIMS, match_y),
+            "confidence": (DIMS, conf), "kept": (DIMS, kept),
+            "src_x": (("layer", "row", "col"), src_x), "src_y": (("layer", "row", "col"), src_y),
+        }
+        size = self.image_size or (0, 0)
+        base = {
+            "format": RECORD_FORMAT,
+            "version": RECORD_VERSION,
+            "matching": json.dumps(self.matching, sort_keys=True),
+            "image_height": int(size[0]),
+            "image_width": int(size[1]),
+            "batch_index": self.batch_index,
+        }
+        return xr.Dataset(data, coords=coords, attrs={**base, **attrs})
+
+
+class ProbeRecord:
+    """Native correspondences of one probed generation (see the module docstring for the layout).
+
+    While a probe is recording, ``ds`` is rebuilt on access from what has been recorded so far.
+    """
+
+    def __init__(self, ds: xr.Dataset | None = None, *, builder: RecordBuilder | None = None):
+        if (ds is None) == (builder is None):
+            raise CorrlabError("ProbeRecord: expected exactly one of ds or builder")
+        self._builder = builder
+        self._attrs: dict[str, Any] = {}
+        self._ds = None
+        self._built_version = -1
+        if ds is not None:
+            _validate(ds, "ds")
+            self._ds = ds
+
+    # ------------------------------------------------------------------ access
+    @property
+    def ds(self) -> xr.Dataset:
+        b = self._builder
+        if b is not None and b.version != self._built_version:
+            self._ds = b.build(self._attrs)
+            self._built_version = b.version
+        return self._ds
+
+    def set_meta(self, prompt: str | None = None, seed: int | None = None, cameras=None, model: str | None = None) -> None:
+        """Attach what the probe cannot see: the prompt, seed, cameras (list of ``Camera``) and model name."""
+        new: dict[str, Any] = {}
+        if prompt is not None:
+            new["prompt"] = str(prompt)
+        if seed is not None:
+            new["seed"] = int(seed)
+        if model is not None:
+            new["model"] = str(model)
+        if cameras is not None:
+            new["cameras"] = json.dumps([c.to_dict() for c in cameras])
+        if self._builder is not None:
+            self._attrs.update(new)
+            self._built_version = -1
+        else:
+            self._ds = self._ds.assign_attrs(new)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the record: the recorder's arrays while recording, else the Dataset's."""
+        return self._builder.nbytes if self._builder is not None else int(self.ds.nbytes)
+
+    @property
+    def layers(self) -> list[str]:
+        return [str(x) for x in self.ds["layer"].values]
+
+    @property
+    def steps(self) -> list[int]:
+        return [int(x) for x in self.ds["step"].values]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.ds.sizes["src"])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the generated images in pixels."""
+        return int(self.ds.attrs["image_height"]), int(self.ds.attrs["image_width"])
+
+    @property
+    def matching(self) -> dict:
+        return json.loads(self.ds.attrs["matching"])
+
+    @property
+    def prompt(self) -> str | None:
+        p = self.ds.attrs.get("prompt")
+        return None if p is None else str(p)
+
+    @property
+    def seed(self) -> int | None:
+        s = self.ds.attrs.get("seed")
+        return None if s is None else int(s)
+
+    @property
+    def cameras(self):
+        """The generation's cameras (list of :class:`corrlab.geometry.Camera`), or None if unknown."""
+        from ..geometry import Camera
+
+        c = self.ds.attrs.get("cameras")
+        return None if c is None else [Camera.from_dict(d) for d in json.loads(c)]
+
+    def grid(self, layer: str) -> tuple[int, int]:
+        """Token grid ``(h, w)`` of a recorded layer."""
+        sel = self._layer(layer)
+        return int(sel["grid_rows"]), int(sel["grid_cols"])
+
+    def token_centres(self, layer: str) -> np.ndarray:
+        """``(h*w, 2)`` float64 pixel centres of ``layer``'s tokens, row-major."""
+        h, w = self.grid(layer)
+        sel = self._layer(layer)
+        return np.stack([sel["src_x"].values[:h, :w].reshape(-1), sel["src_y"].values[:h, :w].reshape(-1)], axis=1)
+
+    def _layer(self, layer: str) -> xr.Dataset:
+        if layer not in self.layers:
+            raise CorrlabError(f"layer: expected one of the recorded layers {self.layers}, got {layer!r}")
+        return self.ds.sel(layer=layer)
+
+    def to_dataframe(self, kept_only: bool = False) -> pd.DataFrame:
+        """Tidy table, one row per (layer, step, src, tgt, head, source token) that has a match.
+
+        Columns: layer, step, timestep, src, tgt, head, row, col, src_x, src_y, match_row, match_col,
+        match_x, match_y, confidence, kept.
+        """
+        ds = self.ds
+        cols = ["timestep", "src_x", "src_y", *MATCH_VARIABLES]
+        df = ds[[c for c in cols if c != "timestep"]].to_dataframe().reset_index()
+        df = df[df["match_row"] >= 0]
+        if kept_only:
+            df = df[df["kept"]]
+        df = df[["layer", "step", "timestep", "src", "tgt", "head", "row", "col", *cols[1:]]]
+        return df.reset_index(drop=True)
+
+    def __repr__(self) -> str:
+        ds = self.ds
+        return (f"ProbeRecord(layers={len(self.layers)}, steps={self.steps}, images={ds.sizes.get('src', 0)}, "
+                f"heads={ds.sizes.get('head', 0)}, grid=({ds.sizes.get('row', 0)}, {ds.sizes.get('col', 0)}))")
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the record to one netCDF file (h5netcdf engine, gzip), atomically. Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds = self.ds
+        encoding = {name: {"zlib": True, "complevel": 4} for name in ds.data_vars}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ProbeRecord":
+        """Read a record written by :meth:`save`; truncated or foreign files raise ``FormatError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise CorrlabError(f"path: expected an existing probe record file, got {str(path)!r}")
+        try:
+            with xr.open_dataset(path, engine="h5netcdf") as f:
+                ds = f.load()
+        except Exception as e:  # h5py/h5netcdf raise many types for damaged files
+            raise FormatError(
+                f"path: expected a corrlab probe record (netCDF/HDF5), got an unreadable file {str(path)!r} "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        _validate(ds, f"path {str(path)!r}")
+        return cls(ds)
+
+    def equals(self, other: "ProbeRecord") -> bool:
+        """True when both records hold identical values, coordinates and attributes."""
+        return isinstance(other, ProbeRecord) and self.ds.identical(other.ds)
+
+
+def _validate(ds: Any, what: str) -> None:
+    if not isinstance(ds, xr.Dataset):
+        raise FormatError(f"{what}: expected an xarray.Dataset, got {describe(ds)}")
+    fmt = ds.attrs.get("format")
+    if fmt != RECORD_FORMAT:
+        raise FormatError(f"{what}: expected a dataset with attribute format={RECORD_FORMAT!r}, got format={fmt!r}")
+    version = ds.attrs.get("version")
+    if version is None or int(version) != RECORD_VERSION:
+        raise FormatError(f"{what}: expected {RECORD_FORMAT} version {RECORD_VERSION}, got version {version!r}")
+    missing = [v for v in (*MATCH_VARIABLES, "src_x", "src_y") if v not in ds.variables]
+    missing += [c for c in ("timestep", "grid_rows", "grid_cols", "num_heads") if c not in ds.coords]
+    if missing:
+        raise FormatError(f"{what}: expected variables {list(MATCH_VARIABLES)} and coords, missing {missing}")
+    for v in MATCH_VARIABLES:
+        if tuple(ds[v].dims) != DIMS:
+            raise FormatError(f"{what}: expected {v} on dims {DIMS}, got {tuple(ds[v].dims)}")

@@ -1,0 +1,110 @@
+"""ProbeRecord: layout, tidy table, lossless netCDF round trip, clear errors on bad files."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from corrlab.errors import CorrlabError, FormatError
+from corrlab.geometry import Camera, look_at
+from corrlab.probing.record import ProbeRecord, RecordBuilder
+
+
+def centres(h, w, p):
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([cols.reshape(-1) * p + (p - 1) / 2, rows.reshape(-1) * p + (p - 1) / 2], 1).double()
+
+
+def make_record(seed=0):
+    """Two layers with different grids and head counts, 3 images, 2 steps."""
+    g = torch.Generator().manual_seed(seed)
+    b = RecordBuilder({"similarity": "softmax", "threshold": 0.05}, batch_index=1)
+    b.add_layer("blocks.0.attn", (4, 4), 2, centres(4, 4, 8), (32, 32))
+    b.add_layer("down.attn1", (2, 2), 1, centres(2, 2, 16), (32, 32))
+    truth = {}
+    for layer, (n, hp) in {"blocks.0.attn": (16, 2), "down.attn1": (4, 1)}.items():
+        for step, t in ((0, 1.0), (3, 0.25)):
+            for src in range(3):
+                tgts = [j for j in range(3) if j != src]
+                idx = torch.randint(0, n, (hp, 2, n), generator=g)
+                conf = torch.rand(hp, 2, n, generator=g)
+                b.add(layer, step, t, src, tgts, idx, conf, conf > 0.5, num_images=3)
+                truth[(layer, step, src)] = (tgts, idx, conf)
+    rec = ProbeRecord(builder=b)
+    cam = Camera(K=[[40.0, 0, 15.5], [0, 40.0, 15.5], [0, 0, 1]], R=look_at((0, 0, -3.0))[0], t=look_at((0, 0, -3.0))[1])
+    rec.set_meta(prompt="a red chair", seed=7, cameras=[cam, cam, cam])
+    return rec, truth
+
+
+def test_layout_values_and_padding():
+    rec, truth = make_record()
+    ds = rec.ds
+    assert dict(ds.sizes) == {"layer": 2, "step": 2, "src": 3, "tgt": 3, "head": 2, "row": 4, "col": 4}
+    assert rec.layers == ["blocks.0.attn", "down.attn1"] and rec.steps == [0, 3]
+    assert ds["timestep"].values.tolist() == [1.0, 0.25]
+    assert rec.grid("down.attn1") == (2, 2) and int(ds["num_heads"].sel(layer="down.attn1")) == 1
+    tgts, idx, conf = truth[("blocks.0.attn", 3, 1)]
+    sel = ds.sel(layer="blocks.0.attn", step=3, src=1)
+    for t_pos, tgt in enumerate(tgts):
+        row = sel["match_row"].sel(tgt=tgt).values.reshape(2, 16)
+        col = sel["match_col"].sel(tgt=tgt).values.reshape(2, 16)
+        assert np.array_equal(row * 4 + col, idx[:, t_pos].numpy())
+        x = sel["match_x"].sel(tgt=tgt).values.reshape(2, 16)
+        assert np.allclose(x, col * 8 + 3.5)
+        assert np.allclose(sel["confidence"].sel(tgt=tgt).values.reshape(2, 16), conf[:, t_pos].numpy())
+    # the diagonal and the padding hold no match
+    assert (ds["match_row"].sel(src=1, tgt=1) == -1).all()
+    assert np.isnan(ds["confidence"].sel(src=1, tgt=1)).all() and not ds["kept"].sel(src=1, tgt=1).any()
+    small = ds.sel(layer="down.attn1")
+    assert (small["match_row"].isel(head=1) == -1).all() and (small["match_row"].isel(row=slice(2, None)) == -1).all()
+    assert np.allclose(rec.token_centres("down.attn1"), centres(2, 2, 16).numpy())
+    assert rec.prompt == "a red chair" and rec.seed == 7 and len(rec.cameras) == 3
+    assert json.loads(ds.attrs["matching"])["threshold"] == 0.05 and rec.image_size == (32, 32)
+
+
+def test_to_dataframe_is_tidy():
+    rec, truth = make_record()
+    df = rec.to_dataframe()
+    # per layer: steps x ordered pairs x heads x tokens
+    assert len(df) == 2 * 6 * 2 * 16 + 2 * 6 * 1 * 4
+    assert set(df.columns) >= {"layer", "step", "timestep", "src", "tgt", "head", "row", "col", "match_x", "kept"}
+    assert (df["src"] != df["tgt"]).all()
+    kept = rec.to_dataframe(kept_only=True)
+    assert kept["kept"].all() and len(kept) == int(rec.ds["kept"].sum())
+
+
+def test_save_load_round_trip_is_lossless(tmp_path):
+    rec, _ = make_record()
+    path = rec.save(tmp_path / "sub" / "record.nc")
+    assert [p.name for p in path.parent.iterdir()] == ["record.nc"]  # no temporary left behind
+    back = ProbeRecord.load(path)
+    assert back.equals(rec)
+    assert back.ds["kept"].dtype == bool and back.ds["match_row"].dtype == np.int32
+    assert back.cameras[0].K.tolist() == rec.cameras[0].K.tolist()
+    other, _ = make_record(seed=1)
+    assert not back.equals(other)
+
+
+def test_truncated_file_raises_format_error(tmp_path):
+    rec, _ = make_record()
+    path = rec.save(tmp_path / "record.nc")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="path"):
+        ProbeRecord.load(path)
+
+
+def test_foreign_files_raise_format_error(tmp_path):
+    text = tmp_path / "notes.nc"
+    text.write_text("not a netCDF file")
+    with pytest.raises(FormatError, match="unreadable"):
+        ProbeRecord.load(text)
+    other = tmp_path / "other.nc"
+    xr.Dataset({"a": ("x", np.arange(3))}).to_netcdf(other, engine="h5netcdf")
+    with pytest.raises(FormatError, match="format"):
+        ProbeRecord.load(other)
+    with pytest.raises(CorrlabError, match="path"):
+        ProbeRecord.load(tmp_path / "missing.nc")
+    with pytest.raises(CorrlabError, match="layer"):
+        make_record()[0].grid("nope")
