@@ -1,0 +1,86 @@
+"""Interventions on multi-image flow models: segment transport (and CorrAdapter, added separately).
+
+* :func:`segment_transport`: jointly generate a structurally aligned pair from two conditions by
+  transporting the whole segment between them (ablation modes ``full``, ``anchor-mean``, ``endpoints``,
+  ``hard-cut``, ``independent``); :mod:`.schedules` holds its weight/smoothing/time schedules and
+  :mod:`.velocity_adapters` turns the embedded model and diffusers Flux/Wan transformers into velocity
+  functions (``generate_pair`` for the embedded model).
+"""
+from .schedules import (
+    ConstantSmoothing,
+    FixedWeights,
+    LinearDecaySmoothing,
+    MidpointToUniformWeights,
+    UniformWeights,
+    linear_timesteps,
+    shifted_timesteps,
+)
+from .segment_transport import (
+    MODES,
+    SegmentResult,
+    SegmentTransportConfig,
+    alpha_sweep,
+    fit_segment_endpoints,
+    history_frame,
+    line_fit_coefficients,
+    segment_transport,
+)
+from .velocity_adapters import (
+    FluxVelocity,
+    PairResult,
+    WanVelocity,
+    embedded_velocity_fn,
+    generate_pair,
+    generate_pairs,
+)
+
+__all__ = [
+    "MODES",
+    "SegmentResult",
+    "SegmentTransportConfig",
+    "alpha_sweep",
+    "fit_segment_endpoints",
+    "history_frame",
+    "line_fit_coefficients",
+    "segment_transport",
+    "FluxVelocity",
+    "PairResult",
+    "WanVelocity",
+    "embedded_velocity_fn",
+    "generate_pair",
+    "generate_pairs",
+    "ConstantSmoothing",
+    "FixedWeights",
+    "LinearDecaySmoothing",
+    "MidpointToUniformWeights",
+    "UniformWeights",
+    "linear_timesteps",
+    "shifted_timesteps",
+]
+
+# CorrAdapter (training-free native-correspondence aggregation, methods.md section 2)
+from .corr_adapter import (  # noqa: E402
+    CorrAdapter,
+    CorrAdapterConfig,
+    CorrAdapterHandle,
+    blend_aggregated,
+    corr_adapted_output,
+    corr_adapter,
+    default_adapter_layers,
+    other_images,
+    window_token_indices,
+    windowed_aggregation,
+)
+
+__all__ += [
+    "CorrAdapter",
+    "CorrAdapterConfig",
+    "CorrAdapterHandle",
+    "blend_aggregated",
+    "corr_adapted_output",
+    "corr_adapter",
+    "default_adapter_layers",
+    "other_images",
+    "window_token_indices",
+    "windowed_aggregation",
+]

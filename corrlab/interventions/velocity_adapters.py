@@ -1,0 +1,365 @@
+"""Velocity functions for :func:`~corrlab.interventions.segment_transport.segment_transport`.
+
+A velocity function is ``velocity_fn(x (K, *S), t: float, cond (K, *C)) -> v (K, *S)`` in corrlab's
+rectified-flow convention (``x_t = (1 - t) x_0 + t eps``, ``v = eps - x_0``, ``t = 1`` noise). Each
+adapter turns one model into such a function with a condition that can be interpolated linearly, and
+makes exactly ONE batched model call per evaluation (two conditions for classifier-free guidance are
+stacked in the same call).
+
+* :func:`embedded_velocity_fn`: corrlab's :class:`~corrlab.model.CorrlabPipeline`; ``x`` is a multi-view
+  set ``(K, V, 3, H, W)`` in the model's [-1, 1] scale (or ``(K, P, V, 3, H, W)`` for ``P`` pairs at once),
+  ``cond`` the pooled prompt embeddings ``(K, D)`` (``(K, P, D)``). :func:`generate_pair` /
+  :func:`generate_pairs` run the whole pair generation and return :class:`~corrlab.sets.MultiViewSet`.
+* :class:`FluxVelocity`: a diffusers ``FluxTransformer2DModel`` over unpacked latents ``(K, C, H, W)``;
+  ``cond = (prompt_embeds (K, L, D_joint), pooled_prompt_embeds (K, D_pooled))``. The transformer gets
+  ``timestep = t`` (it multiplies by 1000, as the Flux pipeline's ``timestep / 1000`` undoes), packed 2x2
+  latents, ``img_ids``/``txt_ids``, and the guidance embedding when the model has one.
+* :class:`WanVelocity`: a diffusers ``WanTransformer3DModel`` over latents ``(K, C, F, H, W)``;
+  ``cond = encoder_hidden_states (K, L, D_text)``; the transformer gets ``timestep = 1000 t``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..errors import CorrlabError, ShapeError, ValueRangeError, describe
+from .segment_transport import SegmentResult, SegmentTransportConfig, alpha_sweep, segment_transport
+
+__all__ = [
+    "embedded_velocity_fn",
+    "PairResult",
+    "generate_pair",
+    "generate_pairs",
+    "pack_latents",
+    "unpack_latents",
+    "flux_latent_ids",
+    "FluxVelocity",
+    "WanVelocity",
+]
+
+
+# --------------------------------------------------------------------------- the embedded model
+def embedded_velocity_fn(pipe, cameras, guidance_scale: float | None = None, size: int | None = None):
+    """Velocity function of a :class:`~corrlab.model.CorrlabPipeline` for fixed cameras.
+
+    Args:
+        pipe: the pipeline (``pipe.velocity`` does classifier-free guidance in one batched call).
+        cameras: ``V`` cameras shared by every point, or a list of ``P`` camera lists (one per pair, all of
+            length ``V``) for pair-batched inputs.
+        guidance_scale: CFG scale (default: the pipeline's ``DEFAULT_GUIDANCE``).
+        size: image side (default: the model's ``sample_size``).
+
+    Returns:
+        ``fn(x (K, V, 3, H, W), t, cond (K, D)) -> v (K, V, 3, H, W)``; with per-pair cameras
+        ``fn(x (K, P, V, 3, H, W), t, cond (K, P, D)) -> v (K, P, V, 3, H, W)``.
+    """
+    from ..geometry import Camera
+    from ..model.pipeline import DEFAULT_GUIDANCE
+
+    g = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+    if not isinstance(cameras, (list, tuple)) or not cameras:
+        raise CorrlabError(f"cameras: expected a list of Camera or a list of camera lists, got {describe(cameras)}")
+    per_pair = not isinstance(cameras[0], Camera)
+    groups = [list(c) for c in cameras] if per_pair else [list(cameras)]
+    if len({len(c) for c in groups}) != 1:
+        raise CorrlabError(f"cameras: expected the same number of views in every pair, got {[len(c) for c in groups]}")
+    rays = torch.stack([pipe.ray_embeds(c, size) for c in groups])  # (P, V, 6, h, w)
+    n_lead = 2 if per_pair else 1
+
+    def velocity(x: torch.Tensor, t: float, cond: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 + n_lead:
+            want = "(K, P, V, 3, H, W)" if per_pair else "(K, V, 3, H, W)"
+            raise ShapeError(f"x: expected shape {want}, got {describe(x)}")
+        lead = tuple(x.shape[:n_lead])
+        if tuple(cond.shape[:n_lead]) != lead or cond.dim() != n_lead + 1:
+            raise ShapeError(f"cond: expected shape {(*lead, 'D')}, got {describe(cond)}")
+        if per_pair and lead[1] != rays.shape[0]:
+            raise ShapeError(f"x: expected {rays.shape[0]} pairs (one per camera list), got {describe(x)}")
+        B = x[..., 0, 0, 0, 0].numel()
+        r = rays.expand(lead[0], *rays.shape) if per_pair else rays.expand(lead[0], *rays.shape[1:])
+        v = pipe.velocity(
+            x.reshape(B, *x.shape[n_lead:]).to(pipe.device), float(t), cond.reshape(B, -1).to(pipe.device),
+            r.reshape(B, *rays.shape[1:]), g,
+        )
+        return v.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+    return velocity
+
+
+@dataclass
+class PairResult:
+    """A jointly generated pair: ``set_a``, ``set_b`` (:class:`~corrlab.sets.MultiViewSet`), the alpha sweep
+    ``sweep_sets`` at ``sweep_alphas`` (empty without ``sweep``), and the raw :class:`SegmentResult`."""
+
+    set_a: object
+    set_b: object
+    sweep_sets: list = field(default_factory=list)
+    sweep_alphas: list = field(default_factory=list)
+    segment: SegmentResult | None = None
+
+
+def _to_images(x: torch.Tensor) -> torch.Tensor:
+    """Model scale [-1, 1] -> images [0, 1] (as the pipeline decodes)."""
+    return ((x.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def generate_pairs(
+    pipe,
+    prompt_pairs: Sequence[tuple[str, str]],
+    seeds: Sequence[int],
+    mode: str | None = None,
+    k: int | None = None,
+    cameras=None,
+    num_views: int = 4,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    sweep: int = 0,
+    size: int | None = None,
+    config: SegmentTransportConfig | None = None,
+    progress: bool = True,
+) -> list[PairResult]:
+    """Generate ``P`` aligned pairs in one segment transport (pairs are extra coordinates of the line fit).
+
+    Pair ``j`` uses prompts ``prompt_pairs[j]``, noise ``randn((1, V, 3, S, S), Generator().manual_seed(seeds[j]))``
+    (the pipeline's own noise for that seed) and cameras ``sample_cameras(seeds[j], num_views, S, layout="train")``
+    unless ``cameras`` (one list shared by all pairs, or one list per pair) is given.
+    ``mode`` and ``k`` (when given) override the fields of ``config`` (default
+    :class:`SegmentTransportConfig`: ``full``, ``k = 5``, the default schedules).
+    Results equal ``P`` separate :func:`generate_pair` calls up to batched-matmul rounding.
+    """
+    from ..model.pipeline import DEFAULT_STEPS
+    from ..sets import MultiViewSet
+
+    if not prompt_pairs or len(prompt_pairs) != len(seeds):
+        raise CorrlabError(f"prompt_pairs, seeds: expected equally long non-empty lists, got {len(prompt_pairs)} and {len(seeds)}")
+    for j, pp in enumerate(prompt_pairs):
+        if not (isinstance(pp, (tuple, list)) and len(pp) == 2 and all(isinstance(p, str) for p in pp)):
+            raise CorrlabError(f"prompt_pairs[{j}]: expected a pair of prompt strings, got {describe(pp)}")
+    steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
+    size = size or pipe.sample_size
+    P = len(seeds)
+    if cameras is None:
+        from ..scenes import sample_cameras
+
+        cams = [sample_cameras(int(s), num_views, size, layout="train") for s in seeds]
+    elif cameras and isinstance(cameras[0], (list, tuple)):
+        if len(cameras) != P:
+            raise CorrlabError(f"cameras: expected {P} camera lists (one per pair), got {len(cameras)}")
+        cams = [list(c) for c in cameras]
+    else:
+        cams = [list(cameras)] * P
+    V = len(cams[0])
+    noise = torch.stack(
+        [torch.randn((1, V, 3, size, size), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32)[0] for s in seeds]
+    ).to(pipe.device)  # (P, V, 3, S, S): the sampler runs where the model is
+    emb = pipe.encode_prompt([p for pp in prompt_pairs for p in pp]).detach().float()  # (2P, D)
+    cond_a, cond_b = emb[0::2], emb[1::2]  # (P, D)
+    fn = embedded_velocity_fn(pipe, cams, guidance_scale, size)
+    was_training = pipe.model.training
+    pipe.model.eval()
+    try:
+        res = segment_transport(
+            fn, noise, cond_a, cond_b, pipe.timesteps(steps), config=config, mode=mode, k=k, progress=progress,
+        )
+    finally:
+        pipe.model.train(was_training)
+    from ..model.pipeline import DEFAULT_GUIDANCE
+
+    meta = {
+        "num_inference_steps": steps,
+        "guidance_scale": float(DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale),
+        "generated": True,
+        "segment_transport": {"mode": res.config.mode, "k": res.config.k},
+    }
+    alphas, xs = alpha_sweep(res, sweep) if sweep else (torch.empty(0), None)
+    out = []
+    for j in range(P):
+        a, b = prompt_pairs[j]
+
+        def make(x, prompt, alpha):
+            m = dict(meta, segment_transport=dict(meta["segment_transport"], alpha=alpha, prompt_a=a, prompt_b=b))
+            return MultiViewSet(images=_to_images(x), cameras=cams[j], prompt=prompt, seed=int(seeds[j]), meta=m)
+
+        sweep_sets = [make(xs[i, j], f"{a} | {b} @ alpha={float(al):.3f}", float(al)) for i, al in enumerate(alphas)]
+        out.append(
+            PairResult(make(res.x_a[j], a, 0.0), make(res.x_b[j], b, 1.0), sweep_sets, [float(al) for al in alphas], res)
+        )
+    return out
+
+
+def generate_pair(
+    pipe,
+    prompt_a: str,
+    prompt_b: str,
+    seed: int,
+    mode: str | None = None,
+    k: int | None = None,
+    cameras=None,
+    num_views: int = 4,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    sweep: int = 0,
+    size: int | None = None,
+    config: SegmentTransportConfig | None = None,
+    progress: bool = True,
+) -> PairResult:
+    """One structurally aligned pair of multi-view sets from the embedded model (see :func:`generate_pairs`).
+
+    ``mode="independent"`` reproduces ``pipe(prompt_a, seed=seed)`` and ``pipe(prompt_b, seed=seed)`` (same
+    noise, same cameras) up to batching rounding; ``sweep = M`` adds ``M`` sets along the final segment.
+    """
+    return generate_pairs(
+        pipe, [(prompt_a, prompt_b)], [seed], mode=mode, k=k, cameras=cameras, num_views=num_views,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sweep=sweep, size=size,
+        config=config, progress=progress,
+    )[0]
+
+
+# --------------------------------------------------------------------------- diffusers: Flux
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Flux's 2x2 packing: ``(B, C, H, W) -> (B, H/2 * W/2, 4 C)`` (channel-major within a patch)."""
+    if latents.dim() != 4 or latents.shape[2] % 2 or latents.shape[3] % 2:
+        raise ShapeError(f"latents: expected shape (B, C, H, W) with even H and W, got {describe(latents)}")
+    B, C, H, W = latents.shape
+    x = latents.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`: ``(B, H/2 * W/2, 4 C) -> (B, C, H, W)``."""
+    B, N, C4 = packed.shape
+    if N != (height // 2) * (width // 2) or C4 % 4:
+        raise ShapeError(f"packed: expected shape (B, {(height // 2) * (width // 2)}, 4 C), got {describe(packed)}")
+    x = packed.reshape(B, height // 2, width // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, C4 // 4, height, width)
+
+
+def flux_latent_ids(height: int, width: int) -> torch.Tensor:
+    """``(H/2 * W/2, 3)`` Flux image position ids ``(0, row, col)`` of the packed latents (row-major)."""
+    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+
+
+class FluxVelocity:
+    """Velocity function of a diffusers ``FluxTransformer2DModel`` over unpacked latents.
+
+    ``self(x (K, C, H, W), t, (prompt_embeds (K, L, D_joint), pooled (K, D_pooled))) -> v (K, C, H, W)``.
+
+    Args:
+        transformer: the Flux transformer (any dtype/device; inputs are cast to it, outputs back to ``x``'s).
+        guidance: value of the distilled guidance embedding (Flux-dev: 3.5); required iff the model has
+            ``guidance_embeds``.
+        negative: optional ``(prompt_embeds (L, D_joint), pooled (D_pooled))`` for true CFG: the negative
+            condition is fixed (not interpolated) and stacked into the same call as the K points.
+        true_cfg_scale: ``v = v_neg + s (v_pos - v_neg)`` when ``negative`` is given and ``s != 1``.
+    """
+
+    def __init__(self, transformer, guidance: float | None = None, negative=None, true_cfg_scale: float = 1.0):
+        self.transformer = transformer
+        has_g = bool(getattr(transformer.config, "guidance_embeds", False))
+        if has_g and guidance is None:
+            raise CorrlabError("guidance: expected a guidance value for a guidance-distilled Flux model, got None")
+        if not has_g and guidance is not None:
+            raise CorrlabError(f"guidance: this Flux model has no guidance embedding; expected None, got {guidance!r}")
+        if negative is not None and not (isinstance(negative, (tuple, list)) and len(negative) == 2):
+            raise CorrlabError(f"negative: expected (prompt_embeds (L, D), pooled (D_pooled,)), got {describe(negative)}")
+        self.guidance = guidance
+        self.negative = tuple(negative) if negative is not None else None
+        self.true_cfg_scale = float(true_cfg_scale)
+
+    def __call__(self, x: torch.Tensor, t: float, cond) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ShapeError(f"x: expected latents of shape (K, C, H, W), got {describe(x)}")
+        if not (isinstance(cond, (tuple, list)) and len(cond) == 2):
+            raise CorrlabError(f"cond: expected (prompt_embeds (K, L, D), pooled (K, D_pooled)), got {describe(cond)}")
+        K, C, H, W = x.shape
+        pe, pooled = cond
+        if pe.dim() != 3 or pooled.dim() != 2 or pe.shape[0] != K or pooled.shape[0] != K:
+            raise ShapeError(f"cond: expected ({K}, L, D) and ({K}, D_pooled), got {describe(pe)} and {describe(pooled)}")
+        cfg = self.negative is not None and self.true_cfg_scale != 1.0
+        if cfg:
+            npe, npool = self.negative
+            pe = torch.cat([pe, npe.to(pe).expand(K, *npe.shape)])
+            pooled = torch.cat([pooled, npool.to(pooled).expand(K, *npool.shape)])
+            x_in = torch.cat([x, x])
+        else:
+            x_in = x
+        tr = self.transformer
+        dt, dev = tr.dtype, tr.device
+        B = x_in.shape[0]
+        kwargs = {}
+        if self.guidance is not None:
+            kwargs["guidance"] = torch.full((B,), float(self.guidance), dtype=torch.float32, device=dev)
+        out = tr(
+            hidden_states=pack_latents(x_in).to(dev, dt),
+            encoder_hidden_states=pe.to(dev, dt),
+            pooled_projections=pooled.to(dev, dt),
+            timestep=torch.full((B,), float(t), dtype=dt, device=dev),
+            img_ids=flux_latent_ids(H, W).to(dev, dt),
+            txt_ids=torch.zeros(pe.shape[1], 3, dtype=dt, device=dev),
+            return_dict=False,
+            **kwargs,
+        )[0]
+        v = unpack_latents(out, H, W).to(device=x.device, dtype=x.dtype)
+        if cfg:
+            v_pos, v_neg = v.chunk(2)
+            v = v_neg + self.true_cfg_scale * (v_pos - v_neg)
+        return v
+
+
+# --------------------------------------------------------------------------- diffusers: Wan
+class WanVelocity:
+    """Velocity function of a diffusers ``WanTransformer3DModel`` over latents ``(K, C, F, H, W)``.
+
+    ``self(x (K, C, F, H, W), t, encoder_hidden_states (K, L, D_text)) -> v (K, C, F, H, W)``; the
+    transformer gets ``timestep = 1000 t`` (the Wan pipeline passes the scheduler's timesteps, sigma * 1000).
+
+    Args:
+        transformer: the Wan transformer.
+        negative: optional ``(L, D_text)`` negative prompt embeddings (fixed, not interpolated) for CFG.
+        guidance_scale: ``v = v_neg + g (v_pos - v_neg)`` when ``negative`` is given and ``g != 1``; both
+            halves run in the same call.
+    """
+
+    def __init__(self, transformer, negative: torch.Tensor | None = None, guidance_scale: float = 1.0):
+        if negative is not None and (not isinstance(negative, torch.Tensor) or negative.dim() != 2):
+            raise ShapeError(f"negative: expected negative prompt embeddings of shape (L, D_text), got {describe(negative)}")
+        if guidance_scale < 0:
+            raise ValueRangeError(f"guidance_scale: expected a number >= 0, got {guidance_scale!r}")
+        self.transformer = transformer
+        self.negative = negative
+        self.guidance_scale = float(guidance_scale)
+
+    def __call__(self, x: torch.Tensor, t: float, cond: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ShapeError(f"x: expected latents of shape (K, C, F, H, W), got {describe(x)}")
+        K = x.shape[0]
+        if not isinstance(cond, torch.Tensor) or cond.dim() != 3 or cond.shape[0] != K:
+            raise ShapeError(f"cond: expected encoder_hidden_states of shape ({K}, L, D_text), got {describe(cond)}")
+        cfg = self.negative is not None and self.guidance_scale != 1.0
+        if cfg:
+            neg = self.negative.to(cond)
+            if neg.shape[-1] != cond.shape[-1]:
+                raise ShapeError(f"negative: expected last dimension {cond.shape[-1]}, got {describe(self.negative)}")
+            if neg.shape[0] != cond.shape[1]:  # pad/crop to the positive length so both halves stack
+                raise ShapeError(f"negative: expected {cond.shape[1]} tokens (the length of cond), got {describe(self.negative)}")
+            cond = torch.cat([cond, neg.expand(K, *neg.shape)])
+            x_in = torch.cat([x, x])
+        else:
+            x_in = x
+        tr = self.transformer
+        dt, dev = tr.dtype, tr.device
+        B = x_in.shape[0]
+        out = tr(
+            hidden_states=x_in.to(dev, dt),
+            timestep=torch.full((B,), 1000.0 * float(t), dtype=torch.float32, device=dev),
+            encoder_hidden_states=cond.to(dev, dt),
+            return_dict=False,
+        )[0]
+        v = out.to(device=x.device, dtype=x.dtype)
+        if cfg:
+            v_pos, v_neg = v.chunk(2)
+            v = v_neg + self.guidance_scale * (v_pos - v_neg)
+        return v
