@@ -1,0 +1,281 @@
+"""CorrAdapter: exactness of the toggle, the windowed aggregation against a naive reference, step logic."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
+from corrlab.interventions import (
+    CorrAdapter,
+    CorrAdapterConfig,
+    CorrAdapterHandle,
+    blend_aggregated,
+    corr_adapted_output,
+    corr_adapter,
+    default_adapter_layers,
+    other_images,
+    window_token_indices,
+    windowed_aggregation,
+)
+from corrlab.model import CorrlabPipeline, MultiViewDiT
+from corrlab.probing import AttentionCall, TokenLayout
+
+# the package attribute corr_adapter is the context manager; the module is reached through importlib
+ca = importlib.import_module("corrlab.interventions.corr_adapter")
+
+
+@pytest.fixture(scope="module")
+def pipe() -> CorrlabPipeline:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = MultiViewDiT(sample_size=16, patch_size=2, hidden_size=32, num_layers=4, num_heads=2, prompt_dim=8)
+    with torch.no_grad():  # the DiT zero-initialises its output layers: randomise them so outputs depend on attention
+        for p in model.parameters():
+            if p.ndim >= 1 and float(p.abs().max()) == 0.0:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return CorrlabPipeline(model.eval())
+
+
+def generate(pipe, steps: int = 3, guidance: float = 2.0, seed: int = 3) -> torch.Tensor:
+    return pipe("red striped box", num_views=3, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                progress=False).images
+
+
+# ----------------------------------------------------------------------------------------- on a model
+def test_eta_one_reproduces_plain_model_exactly(pipe):
+    plain = generate(pipe)
+    with corr_adapter(pipe, eta=1.0, threshold=0.0, active_steps=None, layers=["blocks.1.attn", "blocks.3.attn"]) as handle:
+        same = generate(pipe)
+    assert handle.stats["adapted_calls"] > 0 and handle.stats["kept"] == handle.stats["total"] > 0
+    assert torch.equal(same, plain)
+
+
+def test_enabling_changes_output_and_disabling_restores_bit_identical(pipe):
+    plain = generate(pipe)
+    with corr_adapter(pipe, eta=0.1, threshold=0.0, active_steps=None):
+        adapted = generate(pipe)
+    assert not torch.equal(adapted, plain)
+    assert torch.equal(generate(pipe), plain)
+
+
+def test_restored_after_exception(pipe):
+    plain = generate(pipe)
+    with pytest.raises(RuntimeError, match="boom"):
+        with corr_adapter(pipe, eta=0.0, threshold=0.0):
+            generate(pipe)
+            raise RuntimeError("boom")
+    assert torch.equal(generate(pipe), plain)
+
+
+def test_handle_toggle_and_update_without_reloading(pipe):
+    plain = generate(pipe)
+    handle = CorrAdapterHandle(pipe, eta=0.2, threshold=0.0, active_steps=None)
+    assert not handle.enabled
+    handle.enable()
+    first = generate(pipe)
+    again = generate(pipe)  # a new generation restarts at step 0: same result
+    assert torch.equal(first, again) and not torch.equal(first, plain)
+    handle.update(eta=1.0)
+    assert torch.equal(generate(pipe), plain)
+    handle.update(eta=0.2, layers=["blocks.1.attn", "blocks.3.attn"])
+    assert handle.enabled and handle.layers == ["blocks.1.attn", "blocks.3.attn"]
+    one_layer = generate(pipe)
+    assert not torch.equal(one_layer, plain) and not torch.equal(one_layer, first)
+    handle.disable()
+    assert not handle.enabled
+    assert torch.equal(generate(pipe), plain)
+
+
+def test_refresh_interval_reuses_matches(pipe, monkeypatch):
+    calls = []
+    real = ca.match_views
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ca, "match_views", counting)
+    with corr_adapter(pipe, layers=["blocks.2.attn"], refresh_every=3, active_steps=None) as handle:
+        generate(pipe, steps=7, guidance=2.0)  # CFG: batch of 2
+    # steps 0, 3, 6 refresh; each refresh matches every (batch entry, source image): 2 x 3
+    assert handle.stats["matcher_refreshes"] == 3
+    assert len(calls) == 3 * 2 * 3
+    calls.clear()
+    with corr_adapter(pipe, layers=["blocks.2.attn"], refresh_every=1, active_steps=None) as handle:
+        generate(pipe, steps=7, guidance=1.0)  # no CFG: batch of 1
+    assert handle.stats["matcher_refreshes"] == 7 and len(calls) == 7 * 3
+
+
+def test_active_steps_limit_where_it_applies(pipe):
+    with corr_adapter(pipe, threshold=0.0, active_steps=2) as handle:
+        limited = generate(pipe, steps=5)
+    assert handle.stats["adapted_calls"] == 2 * len(handle.layers)
+    assert handle.stats["calls"] == 5 * len(handle.layers)
+    with corr_adapter(pipe, threshold=0.0, active_steps=None) as handle:
+        everywhere = generate(pipe, steps=5)
+    assert handle.stats["adapted_calls"] == 5 * len(handle.layers)
+    assert not torch.equal(limited, everywhere)
+
+
+def test_history_max_runs_and_matches_with_history(pipe):
+    with corr_adapter(pipe, threshold=0.0, active_steps=None, history_max=True, history_length=3,
+                      refresh_every=1) as handle:
+        out = generate(pipe, steps=4)
+    assert torch.isfinite(out).all() and handle.stats["matcher_refreshes"] == 4 * len(handle.layers)
+
+
+def test_default_layer_is_the_last_when_all_share_one_grid(pipe):
+    assert default_adapter_layers(pipe) == ["blocks.3.attn"]
+    assert CorrAdapterHandle(pipe).layers == ["blocks.3.attn"]
+
+
+def test_bad_parameters_raise(pipe):
+    with pytest.raises(ValueRangeError, match="eta"):
+        CorrAdapterConfig(eta=1.5)
+    with pytest.raises(ValueRangeError, match="active_steps"):
+        CorrAdapterConfig(active_steps=0)
+    with pytest.raises(CorrlabError, match="confidence"):
+        CorrAdapterConfig(confidence="local")
+    with pytest.raises(CorrlabError, match="unknown CorrAdapter parameters"):
+        CorrAdapterHandle(pipe, etaa=0.1)
+    with pytest.raises(CorrlabError, match="layers"):
+        CorrAdapterHandle(pipe, layers=["blocks.9.attn"])
+    handle = CorrAdapterHandle(pipe)
+    with pytest.raises(ValueRangeError, match="radius"):
+        handle.update(radius=-1)
+    assert handle.config.radius == 3
+
+
+def test_cli_options_build_the_handle(pipe):
+    import argparse
+
+    from corrlab.commands import generate as generate_command
+
+    parser = argparse.ArgumentParser()
+    generate_command.register(parser.add_subparsers())
+    base = ["generate", "--prompt", "red box", "--out", "unused"]
+    args = parser.parse_args(base + ["--corr-adapter", "--eta", "0.5", "--radius", "2", "--active-steps", "0", "--refresh", "3"])
+    handle = generate_command._corr_adapter(args, pipe)
+    assert not handle.enabled
+    assert (handle.config.eta, handle.config.radius, handle.config.active_steps, handle.config.refresh_every) == (0.5, 2, None, 3)
+    assert generate_command._corr_adapter(parser.parse_args(base), pipe) is None
+    with pytest.raises(CorrlabError, match="--eta"):
+        generate_command._corr_adapter(parser.parse_args(base + ["--eta", "0.5"]), pipe)
+
+
+# --------------------------------------------------------------------------------- the aggregation itself
+def naive_aggregation(q, k, v, index, kept, grid, scale, radius, window):
+    """Loop-by-loop reference of methods.md section 2 (float64)."""
+    B, V, H, N, _ = q.shape
+    h, w = grid
+    agg = torch.zeros(B, V, H, N, v.shape[-1], dtype=torch.float64)
+    cnt = torch.zeros(B, V, H, N, dtype=torch.float64)
+    for b in range(B):
+        for i in range(V):
+            others = [j for j in range(V) if j != i]
+            for hd in range(H):
+                hm = hd if index.shape[2] == H else 0
+                for p in range(N):
+                    for t, j in enumerate(others):
+                        if not kept[b, i, hm, t, p]:
+                            continue
+                        r0, c0 = divmod(int(index[b, i, hm, t, p]), w)
+                        offsets = [(0, dc) for dc in range(-radius, radius + 1)] if window == "row" else [
+                            (dr, dc) for dr in range(-radius, radius + 1) for dc in range(-radius, radius + 1)]
+                        toks = [(r0 + dr) * w + (c0 + dc) for dr, dc in offsets
+                                if 0 <= r0 + dr < h and 0 <= c0 + dc < w]
+                        logits = torch.stack([scale * (q[b, i, hd, p] @ k[b, j, hd, l]) for l in toks])
+                        weights = torch.softmax(logits, dim=0)
+                        agg[b, i, hd, p] += sum(wt * v[b, j, hd, l] for wt, l in zip(weights, toks))
+                        cnt[b, i, hd, p] += 1
+    return agg / cnt.clamp(min=1).unsqueeze(-1), cnt
+
+
+def random_case(seed: int, heads_matched: int, B=2, V=3, H=2, grid=(3, 4), d=5):
+    g = torch.Generator().manual_seed(seed)
+    N = grid[0] * grid[1]
+    q, k, v = (torch.randn(B, V, H, N, d, generator=g, dtype=torch.float64) for _ in range(3))
+    index = torch.randint(0, N, (B, V, heads_matched, V - 1, N), generator=g)
+    kept = torch.rand(B, V, heads_matched, V - 1, N, generator=g) < 0.6
+    return q, k, v, index, kept
+
+
+@pytest.mark.parametrize("heads_matched, window, radius, chunk", [(2, "square", 1, 7), (1, "square", 2, 512), (2, "row", 1, 3)])
+def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radius, chunk):
+    q, k, v, index, kept = random_case(heads_matched + radius, heads_matched)
+    scale = 1 / math.sqrt(q.shape[-1])
+    got, count = windowed_aggregation(q, k, v, index, kept, (3, 4), scale=scale, radius=radius, window=window,
+                                      chunk_size=chunk)
+    ref, ref_count = naive_aggregation(q, k, v, index, kept, (3, 4), scale, radius, window)
+    assert torch.equal(count, ref_count)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # the fused output is the blend of the aggregation, on strided (non-contiguous) inputs too
+    original = torch.randn(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    qs, ks, vs = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
+    fused = corr_adapted_output(original, qs, ks, vs, index, kept, (3, 4), scale=scale, radius=radius, eta=0.3,
+                                window=window, chunk_size=chunk)
+    torch.testing.assert_close(fused, blend_aggregated(original, ref, ref_count, 0.3), rtol=1e-10, atol=1e-12)
+    untouched = ref_count == 0
+    assert untouched.any() and torch.equal(fused[untouched], original[untouched])
+    exact = corr_adapted_output(original, q, k, v, index, kept, (3, 4), scale=scale, radius=radius, eta=1.0)
+    assert torch.equal(exact, original)
+    # in place, also into a tensor whose rows are not contiguous (written through a copy)
+    for target in (original.clone(), original.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        same = corr_adapted_output(target, q, k, v, index, kept, (3, 4), scale=scale, radius=radius, eta=0.3,
+                                   window=window, chunk_size=chunk, inplace=True)
+        assert same is target
+        torch.testing.assert_close(target, fused, rtol=1e-12, atol=1e-12)
+
+
+def _perfect_call(eta_out: torch.Tensor, B=2, H=2, grid=(4, 4)) -> tuple[AttentionCall, torch.Tensor]:
+    """Two images whose keys are one-hot per token: image 0 token p matches image 1 token perm[p] exactly."""
+    N = grid[0] * grid[1]
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(5))
+    eye = 20.0 * torch.eye(N)
+    q = torch.zeros(B, 2, H, N, N)
+    k = torch.zeros(B, 2, H, N, N)
+    q[:, 0] = eye[perm]  # query p of image 0 looks for key perm[p] of image 1
+    k[:, 1] = eye
+    q[:, 1] = eye  # image 1's queries look for the same key index in image 0 ...
+    k[:, 0] = eye[perm]  # ... whose keys are permuted: token l of image 1 matches token perm^-1[l]
+    v = torch.randn(B, 2, H, N, N, generator=torch.Generator().manual_seed(6))
+    layout = TokenLayout(2, grid, (4 * grid[0], 4 * grid[1]))
+    call = AttentionCall("blocks.0.attn", q, k, v, eta_out, 1 / math.sqrt(N), layout, 0, 1.0)
+    return call, perm
+
+
+def test_perfect_match_with_radius_zero_returns_the_matched_value():
+    B, H, N = 2, 2, 16
+    out = torch.randn(B, 2, H, N, N, generator=torch.Generator().manual_seed(7))
+    call, perm = _perfect_call(out, B, H)
+    adapter = CorrAdapter(CorrAdapterConfig(eta=0.0, radius=0, active_steps=None))
+    new = adapter(call)
+    inverse = torch.argsort(perm)
+    assert adapter.stats["kept"] == adapter.stats["total"] == B * 2 * H * N  # every match kept, both CFG halves
+    torch.testing.assert_close(new[:, 0], call.v[:, 1][:, :, perm], rtol=0, atol=1e-6)
+    torch.testing.assert_close(new[:, 1], call.v[:, 0][:, :, inverse], rtol=0, atol=1e-6)
+    blended = CorrAdapter(CorrAdapterConfig(eta=0.25, radius=0, active_steps=None))(call)
+    torch.testing.assert_close(blended[:, 0], 0.25 * out[:, 0] + 0.75 * call.v[:, 1][:, :, perm], rtol=0, atol=1e-6)
+
+
+def test_window_token_indices_masks_outside_entries():
+    tok, inside = window_token_indices(torch.tensor([0, 5]), (3, 4), 1)
+    assert tok.shape == (2, 9) and inside[0].sum() == 4 and inside[1].all()
+    assert tok[1].tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    tok, inside = window_token_indices(torch.tensor([4]), (3, 4), 2, "row")
+    assert tok.shape == (1, 5) and inside[0].tolist() == [False, False, True, True, True]
+    assert tok[0, 2:].tolist() == [4, 5, 6]
+    assert other_images(3).tolist() == [[1, 2], [0, 2], [0, 1]]
+
+
+def test_aggregation_rejects_bad_shapes():
+    q, k, v, index, kept = random_case(0, 2)
+    with pytest.raises(ShapeError, match="index"):
+        windowed_aggregation(q, k, v, index[:, :, :, :1], kept, (3, 4), scale=1.0, radius=1)
+    with pytest.raises(ShapeError, match="grid"):
+        windowed_aggregation(q, k, v, index, kept, (4, 4), scale=1.0, radius=1)
+    with pytest.raises(ShapeError, match="kept"):
+        windowed_aggregation(q, k, v, index, kept.long(), (3, 4), scale=1.0, radius=1)
