@@ -1,0 +1,289 @@
+"""Quality of the embedded model (the figures of its model card).
+
+(a) Multi-view consistency: SIFT matches between the generated views of held-out prompt/seed sets,
+    scored by symmetric epipolar distance under the conditioning cameras (precision and correct count
+    at 1 and 2 px), next to the renderer's sets with the same cameras (ceiling) and the generated views
+    scored under the cameras of another set (shuffled, floor).
+(b) Native correspondences: per layer and t in {0.2, 0.5, 0.8}, share of view-0 object tokens whose
+    attention argmax in view 1 is within 1 token of the truth, for all and for far-moving (>= 2 tokens)
+    tokens, next to chance, same position, camera geometry only, appearance NN (noisy and clean), and
+    the untrained architecture.
+(c) Prompt adherence: dominant hue of generated objects vs the colour word (renders as a check).
+(d) Sampling seconds per 4-view set at the default step count.
+Also writes a contact sheet (rendered | generated, same prompt and cameras) with --contact-sheet.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_quality.py --n-sets 4 --n-native 2 --n-prompt 8   # quick
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_quality.py --out artifacts/model_quality          # full
+
+Ends with one line of key=value pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from corrlab.baselines import match_sift
+from corrlab.metrics import score_matches
+from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, MultiViewDiT, load_default
+from corrlab.model.adherence import dominant_colour_word
+from corrlab.model.native import (
+    appearance_nn,
+    chance_rate,
+    geometry_guess,
+    hits,
+    model_argmax,
+    pixel_to_index,
+    token_centres,
+    token_queries,
+)
+from corrlab.model.train import HELD_OUT_SEED_START
+from corrlab.scenes import VOCABULARY, render_scene, sample_cameras
+
+THRESHOLDS = (1.0, 2.0)
+
+
+# ------------------------------------------------------------------------------------------ (a)
+def sift_pair_scores(images: torch.Tensor, cameras, method: str, upsample: int = 1) -> pd.DataFrame:
+    """SIFT on every view pair (i < j) of ``images (V, 3, H, W)``, scored under ``cameras``.
+
+    ``upsample > 1`` runs SIFT on bicubically enlarged views and maps the keypoints back
+    (``x = (x_up + 0.5) / upsample - 0.5``), so distances stay in original pixels.
+    """
+    V = images.shape[0]
+    if upsample > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=upsample, mode="bicubic", align_corners=False).clamp(0, 1)
+    matches = {}
+    for i in range(V):
+        for j in range(i + 1, V):
+            m = match_sift(images[i], images[j])
+            matches[(i, j)] = ((m.pts0 + 0.5) / upsample - 0.5, (m.pts1 + 0.5) / upsample - 0.5)
+    return score_matches(matches, cameras, THRESHOLDS, kind="symmetric", method=method)
+
+
+def consistency(pipe, n_sets: int, steps: int, guidance: float, seed_start: int, upsample: int = 1):
+    """Generate ``n_sets`` held-out 4-view sets; returns (tidy scores, generated sets, seconds per set)."""
+    frames, generated, rendered, seconds = [], [], [], []
+    for i in tqdm(range(n_sets), desc="(a) generate + SIFT"):
+        seed = seed_start + i
+        ref = render_scene(seed, 4, pipe.sample_size, "train")
+        t0 = time.perf_counter()
+        gen = pipe(ref.prompt, cameras=ref.cameras, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                   progress=False)
+        seconds.append(time.perf_counter() - t0)
+        generated.append(gen)
+        rendered.append(ref)
+        for method, imgs in (("rendered", ref.images), ("generated", gen.images)):
+            df = sift_pair_scores(imgs, ref.cameras, method, upsample)
+            df["set"] = i
+            frames.append(df)
+    for i, gen in enumerate(generated):  # floor: generated views under another set's cameras
+        other = rendered[(i + 1) % len(rendered)].cameras if len(rendered) > 1 else sample_cameras(seed_start - 1, 4, pipe.sample_size, "train")
+        df = sift_pair_scores(gen.images, other, "generated, shuffled cameras", upsample)
+        df["set"] = i
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True), generated, rendered, seconds
+
+
+def pool_consistency(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.groupby(["method", "threshold"])
+    out = g.agg(n_correct=("n_correct", "sum"), n_matches=("n_matches", "sum"), pairs=("n_matches", "size")).reset_index()
+    out["precision"] = out["n_correct"] / out["n_matches"].where(out["n_matches"] > 0)
+    out["correct_per_pair"] = out["n_correct"] / out["pairs"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ (b)
+def native_rows(models: dict, n_sets: int, timesteps, far_tokens: float, seed_start: int, size: int, patch: int) -> pd.DataFrame:
+    """Tidy rows (set, t, method, layer, subset, hits, n) for models and controls on view 0 -> 1."""
+    h = w = size // patch
+    rows = []
+    centres = token_centres(size, size, patch)
+    for i in tqdm(range(n_sets), desc="(b) native correspondences"):
+        seed = seed_start + 10_000 + i
+        mvs = render_scene(seed, 4, size, "train")
+        q = token_queries(mvs, 0, 1, patch)
+        if len(q.src_idx) == 0:
+            continue
+        far = q.moved >= far_tokens
+        subsets = {"all": torch.ones_like(far), "far": far}
+
+        def add(t, method, layer, hit):
+            for name, m in subsets.items():
+                rows.append(dict(set=i, t=t, method=method, layer=layer, subset=name,
+                                 hits=float(hit[m].double().sum()), n=int(m.sum())))
+
+        centre = torch.tensor(mvs.meta["scene"]["position"], dtype=torch.float64)
+        static = {
+            "chance": chance_rate(q.gt_pix, patch, h, w),
+            "same position": hits(q.src_idx, q.gt_pix, patch, h, w).double(),
+            "camera geometry only": hits(
+                pixel_to_index(geometry_guess(mvs.cameras[0], mvs.cameras[1], centres[q.src_idx], centre), patch, h, w),
+                q.gt_pix, patch, h, w).double(),
+            "appearance NN (clean)": hits(appearance_nn(mvs.images, 0, 1, patch)[q.src_idx], q.gt_pix, patch, h, w).double(),
+        }
+        noise = torch.randn(mvs.images.shape, generator=torch.Generator().manual_seed(seed))
+        for t in timesteps:
+            for method, hit in static.items():
+                add(t, method, "-", hit)
+            for method, model in models.items():
+                argmax, x_t = model_argmax(model, mvs, t, noise)
+                for layer, am in argmax.items():
+                    add(t, method, layer, hits(am[q.src_idx], q.gt_pix, patch, h, w).double())
+            add(t, "appearance NN (noisy input)", "-", hits(appearance_nn(x_t, 0, 1, patch)[q.src_idx], q.gt_pix, patch, h, w).double())
+    return pd.DataFrame(rows)
+
+
+def pool_native(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.groupby(["method", "layer", "t", "subset"], sort=False)[["hits", "n"]].sum().reset_index()
+    out["share"] = out["hits"] / out["n"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ (c)
+def adherence(pipe, n: int, steps: int, guidance: float, seed_start: int, batch: int = 8) -> pd.DataFrame:
+    """``n`` 2-view generations cycling through the colours; dominant hue of view 0 vs the colour word."""
+    colours = VOCABULARY["colour"]
+    rng = np.random.default_rng(seed_start)
+    prompts = [f"{colours[i % len(colours)]} {rng.choice(VOCABULARY['pattern'])} {rng.choice(VOCABULARY['shape'])}"
+               for i in range(n)]
+    rows = []
+    for b0 in tqdm(range(0, n, batch), desc="(c) prompt adherence"):
+        chunk = prompts[b0:b0 + batch]
+        seed = seed_start + 20_000 + b0
+        sets = pipe(chunk, num_views=2, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=False)
+        for k, s in enumerate(sets):
+            found = dominant_colour_word(s.images[0])
+            rows.append(dict(source="generated", prompt=chunk[k], colour=chunk[k].split()[0], found=found))
+    for i in range(n):  # the classifier on renders (a sanity check of the measurement, not of the model)
+        ref = render_scene(seed_start + 20_000 + i, 1, pipe.sample_size, "train")
+        rows.append(dict(source="rendered", prompt=ref.prompt, colour=ref.prompt.split()[0],
+                         found=dominant_colour_word(ref.images[0])))
+    df = pd.DataFrame(rows)
+    df["match"] = df["colour"] == df["found"]
+    return df
+
+
+# ------------------------------------------------------------------------------------------ sheet
+def contact_sheet(rendered, generated, path: Path, rows: int = 8, scale: int = 2) -> None:
+    """PNG: one row per set, rendered views | generated views (same prompt and cameras), prompt on the left."""
+    from PIL import Image, ImageDraw
+
+    rows = min(rows, len(generated))
+    V, _, H, W = generated[0].images.shape
+    label, gap = 150, 8
+    sheet = Image.new("RGB", (label + (2 * V * W) * scale + gap, rows * H * scale), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r in range(rows):
+        for k, imgs in enumerate((rendered[r].images, generated[r].images)):
+            strip = torch.cat(list(imgs), dim=2)
+            arr = (strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+            sheet.paste(im, (label + k * (V * W * scale + gap), r * H * scale))
+        draw.text((4, r * H * scale + H * scale // 2 - 6), generated[r].prompt, fill="black")
+    draw.text((label + 2, 0), "rendered", fill="black")
+    draw.text((label + V * W * scale + gap + 2, 0), "generated", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    sheet.save(tmp, format="PNG")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model folder or name under data/ (default: the shipped model)")
+    ap.add_argument("--n-sets", type=int, default=32, help="(a) held-out 4-view sets")
+    ap.add_argument("--n-native", type=int, default=16, help="(b) held-out rendered sets")
+    ap.add_argument("--n-prompt", type=int, default=64, help="(c) generations")
+    ap.add_argument("--timesteps", type=float, nargs="+", default=[0.2, 0.5, 0.8])
+    ap.add_argument("--sift-upsample", type=int, default=1, help="(a) run SIFT on views enlarged by this factor")
+    ap.add_argument("--far-tokens", type=float, default=2.0)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--seed-start", type=int, default=HELD_OUT_SEED_START)
+    ap.add_argument("--contact-sheet", help="write the rendered | generated contact sheet PNG here")
+    ap.add_argument("--out", help="folder for the tidy CSV tables and summary.json")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c"], help="parts to skip")
+    args = ap.parse_args(argv)
+    if args.seed_start < HELD_OUT_SEED_START:
+        ap.error(f"--seed-start: expected a held-out seed >= {HELD_OUT_SEED_START}, got {args.seed_start}")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    pipe = load_default(args.model)
+    summary: dict = {"steps": args.steps, "guidance": args.guidance, "sift_upsample": args.sift_upsample}
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    pd.set_option("display.width", 200, "display.max_rows", 200)
+
+    if "a" not in args.skip:
+        df, generated, rendered, seconds = consistency(pipe, args.n_sets, args.steps, args.guidance, args.seed_start, args.sift_upsample)
+        pooled = pool_consistency(df)
+        print("\n(a) SIFT multi-view consistency (symmetric epipolar distance, pooled over view pairs)")
+        print(pooled.to_string(index=False))
+        for _, r in pooled.iterrows():
+            key = {"rendered": "rendered", "generated": "generated", "generated, shuffled cameras": "shuffled"}[r["method"]]
+            summary[f"sift_{key}_prec@{r['threshold']:g}px"] = round(float(r["precision"]), 4)
+            summary[f"sift_{key}_correct_per_pair@{r['threshold']:g}px"] = round(float(r["correct_per_pair"]), 3)
+        summary["seconds_per_4view_set"] = round(float(np.median(seconds)), 2)
+        print(f"\n(d) sampling: median {np.median(seconds):.2f} s per 4-view {pipe.sample_size}px set, "
+              f"{args.steps} steps, guidance {args.guidance} (min {min(seconds):.2f}, max {max(seconds):.2f})")
+        if out:
+            df.to_csv(out / "consistency.csv", index=False)
+        if args.contact_sheet:
+            contact_sheet(rendered, generated, Path(args.contact_sheet))
+
+    if "b" not in args.skip:
+        cfg = dict(pipe.model.config)
+        torch.manual_seed(0)
+        untrained = MultiViewDiT(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
+        df = native_rows({"model": pipe.model, "untrained": untrained}, args.n_native, args.timesteps,
+                         args.far_tokens, args.seed_start, pipe.sample_size, pipe.model.config.patch_size)
+        pooled = pool_native(df)
+        print("\n(b) native correspondence: share of view-0 object tokens whose view-1 argmax is within 1 token")
+        wide = pooled.pivot_table(index=["method", "layer"], columns=["subset", "t"], values="share", sort=False)
+        print(wide.round(3).to_string())
+        chance = pooled[(pooled.method == "chance") & (pooled.t == args.timesteps[0])].set_index("subset")["n"]
+        print(f"queries per t: all {int(chance.get('all', 0))}, far {int(chance.get('far', 0))}")
+        summary["native_queries_all"] = int(chance.get("all", 0))
+        summary["native_queries_far"] = int(chance.get("far", 0))
+        for t in args.timesteps:
+            sel = pooled[(pooled.t == t) & (pooled.subset == "far")]
+            for method in sel.method.unique():
+                best = sel[sel.method == method]["share"].max()
+                summary[f"native_far_t{t:g}_{method.replace(' ', '_').replace('(', '').replace(')', '')}"] = round(float(best), 4)
+            m = sel[sel.method == "model"]
+            if len(m):
+                summary[f"native_far_t{t:g}_best_layer"] = m.loc[m["share"].idxmax(), "layer"]
+        if out:
+            df.to_csv(out / "native.csv", index=False)
+
+    if "c" not in args.skip:
+        df = adherence(pipe, args.n_prompt, args.steps, args.guidance, args.seed_start)
+        rate = df.groupby("source")["match"].mean()
+        print("\n(c) prompt adherence (dominant hue == colour word)")
+        print(rate.round(3).to_string())
+        print(df[df.source == "generated"].groupby("colour")["match"].mean().round(2).to_string())
+        summary["adherence_generated"] = round(float(rate.get("generated", float("nan"))), 4)
+        summary["adherence_rendered"] = round(float(rate.get("rendered", float("nan"))), 4)
+        if out:
+            df.to_csv(out / "adherence.csv", index=False)
+
+    if out:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

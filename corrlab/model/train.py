@@ -1,0 +1,363 @@
+"""Training of :class:`MultiViewDiT` on corrlab's own procedural scenes (rectified flow).
+
+Every step renders a fresh batch of scenes (seeded by ``(config.seed, step)``, so a run is
+deterministic and resumes exactly), noises it as ``x_t = (1 - t) x0 + t eps`` and regresses the
+velocity ``eps - x0`` (MSE). AdamW, linear warm-up, gradient clipping, EMA weights. The prompt is
+replaced by the null embedding with probability ``cfg_dropout`` (classifier-free guidance).
+
+Run folder layout (``out``)::
+
+    config.json                     the TrainConfig (JSON)
+    loss.jsonl                      one line per logged step: step, loss, lr, wall_s, sets_per_s
+    eval.jsonl                      native-correspondence figures at eval steps (if enabled)
+    checkpoints/step_0001000/       model/ (raw weights), ema/ (EMA weights), optimizer.pt, state.json
+    ema/step_0001000/               EMA weights kept at every eval step (for tracking over training)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CorrlabError, FormatError, ValueRangeError
+from .dit import MultiViewDiT
+from .rays import plucker_ray_embeds
+
+__all__ = ["TrainConfig", "Trainer", "render_batch", "flow_matching_loss", "sample_timesteps", "export_pipeline", "HELD_OUT_SEED_START"]
+
+#: Scene seeds >= this are never used for training: they are reserved for evaluation.
+HELD_OUT_SEED_START = 1_000_000
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (JSON-able; ``TrainConfig.from_json(path)``).
+
+    model: keyword arguments of :class:`MultiViewDiT` (hidden_size, num_layers, num_heads, ...).
+    image_size: rendered view side in pixels.
+    views: view counts to train on, drawn per step with probabilities ``view_probs``.
+    views_per_batch: sets per step = views_per_batch // V (constant compute per step).
+    lr, weight_decay, betas, warmup_steps, grad_clip: AdamW settings: linear warm-up, then constant lr,
+    then (if ``decay_steps`` > 0) linear decay to ``lr * final_lr_ratio`` over the last ``decay_steps``.
+    steps: total optimiser steps (the decay is anchored to it). ema_decay: EMA of the weights (ramped as min(decay, (1+s)/(10+s))).
+    t_sampling: "logit_normal" (mean 0, std ``t_std``) or "uniform". cfg_dropout: null-prompt probability.
+    seed: seeds scene choice, noise, t, and initialisation. train_seeds: [lo, hi) scene-seed range
+    (must stay below HELD_OUT_SEED_START). layout: the renderer's camera layout.
+    log_every, checkpoint_every, eval_every (0 = off), eval_sets: held-out sets for the
+    native-correspondence figure. device: "auto", "cpu" or "cuda". threads: torch CPU threads.
+    """
+
+    model: dict = field(
+        default_factory=lambda: dict(
+            sample_size=64, patch_size=4, hidden_size=128, num_layers=6, num_heads=4, mlp_ratio=3.0,
+            prompt_dim=64, ray_freqs=5, scene_scale=1.0,
+        )
+    )
+    image_size: int = 64
+    views: tuple[int, ...] = (2, 4)
+    view_probs: tuple[float, ...] = (0.75, 0.25)
+    views_per_batch: int = 16
+    lr: float = 6e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    decay_steps: int = 0
+    final_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    steps: int = 20_000
+    ema_decay: float = 0.998
+    t_sampling: str = "logit_normal"
+    t_std: float = 1.0
+    cfg_dropout: float = 0.1
+    seed: int = 0
+    train_seeds: tuple[int, int] = (0, HELD_OUT_SEED_START)
+    layout: str = "train"
+    log_every: int = 10
+    checkpoint_every: int = 250
+    eval_every: int = 500
+    eval_sets: int = 8
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    threads: int = 1
+
+    def __post_init__(self):
+        self.views = tuple(int(v) for v in self.views)
+        self.view_probs = tuple(float(p) for p in self.view_probs)
+        self.betas = tuple(float(b) for b in self.betas)
+        self.train_seeds = tuple(int(s) for s in self.train_seeds)
+        if len(self.views) != len(self.view_probs) or not self.views or abs(sum(self.view_probs) - 1) > 1e-6:
+            raise CorrlabError(
+                f"view_probs: expected one probability per entry of views {self.views} summing to 1, got {self.view_probs}"
+            )
+        if any(v < 1 or self.views_per_batch // v < 1 for v in self.views):
+            raise CorrlabError(f"views: expected counts in [1, views_per_batch={self.views_per_batch}], got {self.views}")
+        lo, hi = self.train_seeds
+        if not 0 <= lo < hi <= HELD_OUT_SEED_START:
+            raise CorrlabError(
+                f"train_seeds: expected [lo, hi) with 0 <= lo < hi <= {HELD_OUT_SEED_START} (held-out seeds are reserved), "
+                f"got {self.train_seeds}"
+            )
+        if self.t_sampling not in ("logit_normal", "uniform"):
+            raise CorrlabError(f"t_sampling: expected 'logit_normal' or 'uniform', got {self.t_sampling!r}")
+        if not 0 <= self.cfg_dropout < 1:
+            raise ValueRangeError(f"cfg_dropout: expected a probability in [0, 1), got {self.cfg_dropout!r}")
+        if self.image_size % int(self.model.get("patch_size", 4)):
+            raise CorrlabError(f"image_size: expected a multiple of the patch size, got {self.image_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CorrlabError(f"config: unknown keys {unknown}; expected keys among {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise CorrlabError(f"config: file not found: {str(path)!r}") from None
+        except json.JSONDecodeError as e:
+            raise FormatError(f"config: {str(path)!r} is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+# ---------------------------------------------------------------------------- pure pieces
+def sample_timesteps(n: int, mode: str, generator: torch.Generator, std: float = 1.0) -> torch.Tensor:
+    """``(n,)`` training times in (0, 1): logit-normal(0, std) or uniform."""
+    if mode == "uniform":
+        return torch.rand(n, generator=generator)
+    return torch.sigmoid(std * torch.randn(n, generator=generator))
+
+
+def flow_matching_loss(
+    model: MultiViewDiT,
+    x0: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    ray_embeds: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Rectified-flow MSE: ``x0 (B, V, 3, H, W)`` in [-1, 1], ``t (B,)``, ``noise`` like x0 -> scalar."""
+    tt = t.view(-1, 1, 1, 1, 1).to(x0)
+    x_t = (1 - tt) * x0 + tt * noise
+    v = model(x_t, t, prompt_embeds, ray_embeds)
+    return torch.nn.functional.mse_loss(v.float(), (noise - x0).float())
+
+
+def render_batch(seeds: Sequence[int], views: int, size: int, layout: str, patch_size: int, scene_scale: float):
+    """Render scenes -> ``(images (B, V, 3, H, W) in [-1, 1], prompts list[str], rays (B, V, 6, h, w))``."""
+    from ..scenes import render_scene
+
+    imgs, prompts, rays = [], [], []
+    for s in seeds:
+        mvs = render_scene(int(s), views, size, layout)
+        imgs.append(mvs.images * 2.0 - 1.0)
+        prompts.append(mvs.prompt)
+        rays.append(plucker_ray_embeds(mvs.cameras, size, patch_size, scene_scale))
+    return torch.stack(imgs).float(), prompts, torch.stack(rays)
+
+
+def step_plan(config: TrainConfig, step: int) -> tuple[int, list[int]]:
+    """View count and scene seeds of optimiser step ``step`` (a pure function of config.seed and step)."""
+    rng = np.random.default_rng([config.seed, step])
+    V = int(rng.choice(config.views, p=config.view_probs))
+    n = config.views_per_batch // V
+    seeds = rng.integers(config.train_seeds[0], config.train_seeds[1], size=n).tolist()
+    return V, seeds
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for every floating parameter, in place."""
+    with torch.no_grad():
+        e = [p for p in ema.parameters()]
+        m = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def _atomic_json_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+# ---------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns model, EMA copy and optimiser; ``run()`` trains to ``config.steps`` with checkpoints."""
+
+    def __init__(self, config: TrainConfig, out: str | os.PathLike, eval_fn: Callable | None = None):
+        self.config = config
+        self.out = Path(out)
+        if config.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(config.device)
+        if self.device.type == "cpu" and config.threads > 0:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model = MultiViewDiT(**config.model).to(self.device)
+        self.ema = MultiViewDiT(**config.model).to(self.device)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.requires_grad_(False).eval()
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=config.betas
+        )
+        self.step = 0
+        self.wall = 0.0
+        self.eval_fn = eval_fn
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_dirs(self) -> list[Path]:
+        root = self.out / "checkpoints"
+        return sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
+
+    def save_checkpoint(self) -> Path:
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{self.step:07d}"
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
+        self.model.save_pretrained(tmp / "model", safe_serialization=True)
+        self.ema.save_pretrained(tmp / "ema", safe_serialization=True)
+        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "wall_s": self.wall}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint under ``out/checkpoints``; False when there is none."""
+        dirs = self.checkpoint_dirs()
+        if not dirs:
+            return False
+        ck = dirs[-1]
+        self.model.load_state_dict(MultiViewDiT.from_pretrained(ck / "model", low_cpu_mem_usage=False).state_dict())
+        self.ema.load_state_dict(MultiViewDiT.from_pretrained(ck / "ema", low_cpu_mem_usage=False).state_dict())
+        self.opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location=self.device))
+        state = json.loads((ck / "state.json").read_text())
+        self.step, self.wall = int(state["step"]), float(state["wall_s"])
+        return True
+
+    # ------------------------------------------------------------ training
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (warm-up, constant, optional linear decay)."""
+        cfg = self.config
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.decay_steps > 0:
+            left = (cfg.steps - step) / cfg.decay_steps
+            lr *= min(1.0, max(cfg.final_lr_ratio, left))
+        return lr
+
+    def train_step(self) -> float:
+        """One optimiser step at ``self.step``; returns the loss."""
+        cfg = self.config
+        V, seeds = step_plan(cfg, self.step)
+        x0, prompts, rays = render_batch(
+            seeds, V, cfg.image_size, cfg.layout, cfg.model.get("patch_size", 4), cfg.model.get("scene_scale", 1.0)
+        )
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        B = x0.shape[0]
+        t = sample_timesteps(B, cfg.t_sampling, g, cfg.t_std)
+        noise = torch.randn(x0.shape, generator=g)
+        drop = torch.rand(B, generator=g) < cfg.cfg_dropout
+        x0, rays, t, noise, drop = (a.to(self.device) for a in (x0, rays, t, noise, drop))
+        self.model.train()
+        pe = self.model.encode_prompt(prompts)
+        pe = torch.where(drop[:, None], self.model.null_prompt_embeds(B), pe)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = flow_matching_loss(self.model, x0, pe, rays, t, noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        ema_update(self.ema, self.model, decay)
+        self.step += 1
+        return float(loss.detach())
+
+    def run(self, steps: int | None = None, progress: bool = True) -> None:
+        cfg = self.config
+        total = cfg.steps if steps is None else steps
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        log = self.out / "loss.jsonl"
+        bar = tqdm(total=total, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True)
+        window, t_last, n_sets = [], time.time(), 0
+        while self.step < total:
+            t0 = time.time()
+            V, seeds = step_plan(cfg, self.step)
+            loss = self.train_step()
+            self.wall += time.time() - t0
+            window.append(loss)
+            n_sets += len(seeds)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == total:
+                now = time.time()
+                rec = {
+                    "step": self.step, "loss": float(np.mean(window)), "lr": self.lr_at(self.step - 1),
+                    "wall_s": round(self.wall, 2), "sets_per_s": round(n_sets / max(now - t_last, 1e-9), 3),
+                }
+                _atomic_json_line(log, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                window, t_last, n_sets = [], now, 0
+            if self.step % cfg.checkpoint_every == 0 or self.step == total:
+                self.save_checkpoint()
+            if cfg.eval_every and self.eval_fn is not None and (self.step % cfg.eval_every == 0 or self.step == total):
+                keep = self.out / "ema" / f"step_{self.step:07d}"
+                self.ema.save_pretrained(keep, safe_serialization=True)
+                try:
+                    rec = self.eval_fn(self.ema, cfg)
+                except Exception as e:  # the tracking figure must never kill a long run
+                    rec = {"error": repr(e)}
+                _atomic_json_line(self.out / "eval.jsonl", {"step": self.step, "wall_s": round(self.wall, 2), **rec})
+        bar.close()
+
+
+def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "ema") -> Path:
+    """Write the ``which`` ("ema" or "model") weights of a run checkpoint as a :class:`CorrlabPipeline` folder.
+
+    ``checkpoint`` is ``RUN/checkpoints/step_XXXXXXX``; the run's config.json is copied to
+    ``out/train_config.json`` when found. The folder is assembled in a temporary sibling and renamed.
+    """
+    from .pipeline import CorrlabPipeline
+
+    ck = Path(checkpoint)
+    if which not in ("ema", "model") or not (ck / which / "config.json").is_file():
+        raise CorrlabError(f"checkpoint: expected a folder with {which}/config.json, got {str(ck)!r} (which={which!r})")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = MultiViewDiT.from_pretrained(ck / which, low_cpu_mem_usage=False)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    CorrlabPipeline(model).save_pretrained(tmp)
+    run_config = ck.parent.parent / "config.json"
+    if run_config.is_file():
+        shutil.copy(run_config, tmp / "train_config.json")
+    state = json.loads((ck / "state.json").read_text())
+    (tmp / "checkpoint.json").write_text(json.dumps({"checkpoint": str(ck), "weights": which, **state}, indent=2))
+    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700 folders: shipped files are world-readable
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    if out.exists():
+        for keep in ("README.md", "samples.png", "quality.json", "training_curve.json"):
+            if (out / keep).exists() and not (tmp / keep).exists():
+                shutil.copy(out / keep, tmp / keep)
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
