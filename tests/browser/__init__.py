@@ -1,0 +1,1 @@
+"""Helpers of the browser test: a Voila server and a headless Chromium driven by Playwright."""
