@@ -32,8 +32,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def load_cameras(path) -> tuple[list, int]:
-    """Cameras and the (square) image size from a corrlab ``cameras.json``."""
+def load_cameras(path, patch_size: int | None = None) -> tuple[list, int]:
+    """Cameras and the (square) image size from a corrlab ``cameras.json``.
+
+    With ``patch_size``, the image size must be divisible by it (the model's token grid).
+    """
     import json
     from pathlib import Path
 
@@ -55,6 +58,8 @@ def load_cameras(path) -> tuple[list, int]:
         raise CorrlabError(f"--cameras: expected square views, got width {width} and height {height} in {str(f)!r}")
     if not isinstance(views, list) or not views:
         raise FormatError(f"--cameras: expected a non-empty 'views' list in {str(f)!r}, got {views!r:.80}")
+    if patch_size and width % patch_size:
+        raise CorrlabError(f"--cameras: expected an image size divisible by the patch size {patch_size}, got {width}")
     return [Camera.from_dict(v) for v in views], width
 
 
@@ -68,11 +73,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_default(args.model)
     cameras, size = (None, None)
     if args.cameras:
-        cameras, size = load_cameras(args.cameras)
-        if size % pipe.model.config.patch_size:
-            raise CorrlabError(
-                f"--cameras: expected an image size divisible by the patch size {pipe.model.config.patch_size}, got {size}"
-            )
+        cameras, size = load_cameras(args.cameras, patch_size=pipe.model.config.patch_size)
     adapter = _corr_adapter(args, pipe)
     with adapter if adapter is not None else contextlib.nullcontext():
         mvs = pipe(

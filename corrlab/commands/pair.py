@@ -38,28 +38,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _write_json_atomic(path, obj) -> None:
-    import json
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from ..errors import CorrlabError
     from ..interventions import LinearDecaySmoothing, MidpointToUniformWeights, SegmentTransportConfig
     from ..interventions.velocity_adapters import generate_pair
+    from ..io_utils import atomic_write_text
     from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_default
     from ..sets import save_set
     from .generate import load_cameras
@@ -78,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_default(args.model)
     cameras, size = (None, None)
     if args.cameras:
-        cameras, size = load_cameras(args.cameras)
-        if size % pipe.model.config.patch_size:
-            raise CorrlabError(
-                f"--cameras: expected an image size divisible by the patch size {pipe.model.config.patch_size}, got {size}"
-            )
+        cameras, size = load_cameras(args.cameras, patch_size=pipe.model.config.patch_size)
     steps = args.steps or DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     res = generate_pair(
@@ -98,14 +80,14 @@ def run(args: argparse.Namespace) -> int:
         (out / "sweep").mkdir(exist_ok=True)
         for j, mvs in enumerate(res.sweep_sets):
             save_set(mvs, out / "sweep" / f"alpha_{j:02d}")
-    _write_json_atomic(
+    atomic_write_text(
         out / "pair.json",
-        {
+        json.dumps({
             "prompt_a": args.prompt_a, "prompt_b": args.prompt_b, "seed": args.seed, "mode": args.mode, "k": args.k,
             "steps": steps, "guidance": guidance, "sweep_alphas": res.sweep_alphas,
             "weight_schedule": repr(config.weight_schedule), "smoothing_schedule": repr(config.smoothing_schedule),
             "num_joint_steps": config.joint_steps(steps) if args.mode == "hard-cut" else None,
-        },
+        }, indent=2),
     )
     print(out)
     return 0
