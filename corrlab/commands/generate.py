@@ -21,6 +21,11 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
     p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model)")
     p.add_argument("--cameras", help="cameras.json of a corrlab set: generate under those cameras")
+    p.add_argument("--reference", metavar="SET_DIR",
+                   help="image-conditioned generation: copy views --reference-views of this corrlab set as clean "
+                   "references and generate the others (cameras from --cameras, else from SET_DIR)")
+    p.add_argument("--reference-views", type=int, nargs="+", metavar="V",
+                   help="indices of the given views (default: 0; needs --reference)")
     p.add_argument("--out", required=True, help="output set directory")
     p.add_argument("--no-progress", action="store_true")
     ca = p.add_argument_group("CorrAdapter", "training-free native-correspondence aggregation (methods.md section 2)")
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     cameras, size = (None, None)
     if args.cameras:
         cameras, size = load_cameras(args.cameras, patch_size=pipe.model.config.patch_size)
+    reference, cameras, size = load_reference(args, cameras, size)
     adapter = _corr_adapter(args, pipe)
     with adapter if adapter is not None else contextlib.nullcontext():
         mvs = pipe(
@@ -85,12 +91,41 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             size=size,
+            **({"reference": reference} if reference else {}),
         )
     if adapter is not None:
         mvs.meta["corr_adapter"] = {**dataclasses.asdict(adapter.config), "layers": adapter.layers}
     out = save_set(mvs, args.out)
     print(out)
     return 0
+
+
+def load_reference(args: argparse.Namespace, cameras, size):
+    """``({view: image (3, S, S)}, cameras, size)`` from ``--reference SET_DIR [--reference-views V ...]``.
+
+    Without ``--cameras`` the reference set's cameras are used; with them, the set must have the same
+    image size and at least as many views as the highest given index.
+    """
+    from ..errors import CorrlabError
+
+    if args.reference_views is not None and not args.reference:
+        raise CorrlabError("--reference-views: expected together with --reference SET_DIR, got it without")
+    if not args.reference:
+        return None, cameras, size
+    from ..sets import load_set
+
+    ref_set = load_set(args.reference)
+    S = int(ref_set.images.shape[-1])
+    if cameras is None:
+        cameras, size = list(ref_set.cameras), S
+    elif S != size:
+        raise CorrlabError(f"--reference: expected views of {size} px like --cameras, got {S} px in {args.reference!r}")
+    views = args.reference_views if args.reference_views is not None else [0]
+    n = min(len(cameras), ref_set.images.shape[0])
+    bad = [v for v in views if not 0 <= v < n]
+    if bad:
+        raise CorrlabError(f"--reference-views: expected indices in [0, {n}) (views of both the set and the cameras), got {bad}")
+    return {int(v): ref_set.images[v] for v in views}, cameras, size
 
 
 def _corr_adapter(args: argparse.Namespace, pipe):

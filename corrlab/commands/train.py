@@ -7,8 +7,8 @@ import argparse
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train the embedded multi-view DiT on corrlab's scenes",
-        description="Train MultiViewDiT with the rectified-flow objective on scenes rendered on the fly. "
+        help="train the embedded multi-view model (DiT or UNet) on corrlab's scenes",
+        description="Train MultiViewDiT or MultiViewUNet (config key arch) with the rectified-flow objective on scenes rendered on the fly. "
         "Writes config.json, loss.jsonl, eval.jsonl and checkpoints/ under --out.",
     )
     p.add_argument("--config", help="TrainConfig JSON file (defaults for missing keys; none = all defaults)")
@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
         raise CorrlabError(f"--out: {str(out)!r} already holds checkpoints; pass --resume or choose a new folder")
 
     def eval_fn(model, cfg):
+        if len(cfg.reference_probs) > 1:  # reference-conditioned: the image-conditioned tracking figures
+            from ..model.conditioned import tracking_figures
+
+            return tracking_figures(model, cfg, n_sets=cfg.eval_sets)
         return quick_native_eval(model, cfg, n_sets=cfg.eval_sets)
 
     trainer = Trainer(config, out, eval_fn=None if args.no_eval else eval_fn)

@@ -14,12 +14,14 @@ from pathlib import Path
 
 from ..errors import WeightsNotFoundError
 from .dit import MultiViewDiT
+from .unet import MultiViewUNet
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, CorrlabPipeline, default_scheduler
 from .prompt import PromptEncoder
 from .rays import plucker_ray_embeds, token_centres
 
 __all__ = [
     "MultiViewDiT",
+    "MultiViewUNet",
     "PromptEncoder",
     "CorrlabPipeline",
     "default_scheduler",

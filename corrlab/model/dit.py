@@ -84,7 +84,8 @@ class MultiViewDiT(ModelMixin, ConfigMixin, AttentionMixin):
 
     Config: ``sample_size`` (default image side), ``patch_size`` p, ``hidden_size`` C, ``num_layers``,
     ``num_heads``, ``mlp_ratio``, ``prompt_dim`` D, ``ray_freqs`` (Fourier frequencies of the ray MLP),
-    ``scene_scale`` (world length normalising Plücker moments), ``vocabulary`` (prompt words).
+    ``scene_scale`` (world length normalising Plücker moments), ``vocabulary`` (prompt words),
+    ``reference_conditioning`` (a learned flag for clean reference views, see ``given``).
     ``attn_processors`` / ``set_attn_processor`` come from diffusers' ``AttentionMixin``.
     """
 
@@ -104,6 +105,7 @@ class MultiViewDiT(ModelMixin, ConfigMixin, AttentionMixin):
         ray_freqs: int = 6,
         scene_scale: float = 1.0,
         vocabulary: Sequence[str] | None = None,
+        reference_conditioning: bool = False,
     ):
         super().__init__()
         if vocabulary is None:
@@ -124,6 +126,8 @@ class MultiViewDiT(ModelMixin, ConfigMixin, AttentionMixin):
         for m in (self.ada_out[1], self.proj_out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        # learned "given" flag of reference views (clean input), added to every token of the view
+        self.given_embed = nn.Parameter(torch.zeros(2, C)) if reference_conditioning else None
 
     # ---------------------------------------------------------------- helpers
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -156,8 +160,12 @@ class MultiViewDiT(ModelMixin, ConfigMixin, AttentionMixin):
         timestep: torch.Tensor | float,
         prompt_embeds: torch.Tensor,
         ray_embeds: torch.Tensor,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Velocity ``(B, V, 3, H, W)``; see the class docstring for the arguments."""
+        """Velocity ``(B, V, 3, H, W)``; see the class docstring for the arguments.
+
+        ``given (B, V)`` bool marks clean reference views (only with ``reference_conditioning=True``).
+        """
         p = self.config.patch_size
         if sample.ndim != 5 or sample.shape[2] != self.config.in_channels:
             raise ShapeError(f"sample: expected shape (B, V, {self.config.in_channels}, H, W), got {describe(sample)}")
@@ -175,6 +183,15 @@ class MultiViewDiT(ModelMixin, ConfigMixin, AttentionMixin):
         x = self.patch_embed(self.patchify(sample.to(dtype)))
         rays = ray_embeds.to(dtype).permute(0, 1, 3, 4, 2).reshape(B, V * (H // p) * (W // p), 6)
         x = x + self.ray_embed(ray_fourier_features(rays, self.config.ray_freqs))
+        if given is not None:
+            check_shape("given", given, (B, V))
+        if given is not None and self.given_embed is None and bool(given.any()):
+            raise ShapeError(
+                "given: this MultiViewDiT was built with reference_conditioning=False and takes no reference views"
+            )
+        if given is not None and self.given_embed is not None:
+            n = (H // p) * (W // p)
+            x = x + self.given_embed[given.long()].repeat_interleave(n, dim=1).to(dtype)
         cond = self.time_embed(timestep_features(t, self.config.hidden_size).to(dtype))
         cond = cond + self.prompt_proj(prompt_embeds.to(dtype))
         for block in self.blocks:

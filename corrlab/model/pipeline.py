@@ -20,6 +20,10 @@ from ..errors import CorrlabError, ValueRangeError, WeightsNotFoundError, check_
 from ..geometry import Camera
 from .dit import MultiViewDiT
 from .rays import plucker_ray_embeds
+from .unet import MultiViewUNet
+
+#: The denoisers a :class:`CorrlabPipeline` can drive, by config ``_class_name``.
+MODEL_CLASSES = {"MultiViewDiT": MultiViewDiT, "MultiViewUNet": MultiViewUNet}
 
 __all__ = ["CorrlabPipeline", "default_scheduler", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
 
@@ -33,20 +37,21 @@ def default_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
 
 
 class CorrlabPipeline:
-    """Text + cameras -> multi-view set, with :class:`MultiViewDiT` and a flow-matching scheduler.
+    """Text (+ optional reference views) + cameras -> multi-view set, with corrlab's :class:`MultiViewDiT`
+    or :class:`MultiViewUNet` and a flow-matching scheduler.
 
     Attributes: ``model`` (also ``transformer``), ``scheduler``.
     """
 
-    def __init__(self, model: MultiViewDiT, scheduler: FlowMatchEulerDiscreteScheduler | None = None):
-        if not isinstance(model, MultiViewDiT):
-            raise CorrlabError(f"model: expected a corrlab MultiViewDiT, got {describe(model)}")
+    def __init__(self, model: MultiViewDiT | MultiViewUNet, scheduler: FlowMatchEulerDiscreteScheduler | None = None):
+        if not isinstance(model, (MultiViewDiT, MultiViewUNet)):
+            raise CorrlabError(f"model: expected a corrlab MultiViewDiT or MultiViewUNet, got {describe(model)}")
         self.model = model
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
 
     # ------------------------------------------------------------------ basics
     @property
-    def transformer(self) -> MultiViewDiT:
+    def transformer(self) -> MultiViewDiT | MultiViewUNet:
         """Alias of :attr:`model` (the diffusers pipelines' name for the denoiser)."""
         return self.model
 
@@ -57,6 +62,11 @@ class CorrlabPipeline:
     @property
     def sample_size(self) -> int:
         return int(self.model.config.sample_size)
+
+    @property
+    def supports_reference(self) -> bool:
+        """Whether the model takes clean reference views (``reference=`` of :meth:`__call__`)."""
+        return isinstance(self.model, MultiViewUNet) or bool(getattr(self.model.config, "reference_conditioning", False))
 
     def to(self, device) -> "CorrlabPipeline":
         self.model.to(device)
@@ -75,7 +85,14 @@ class CorrlabPipeline:
                 f"path: expected a folder with model/ (and scheduler/) written by CorrlabPipeline.save_pretrained, "
                 f"got {str(path)!r}; train weights with `corrlab train --config FILE --out runs/NAME`"
             )
-        model = MultiViewDiT.from_pretrained(model_dir, use_safetensors=True, low_cpu_mem_usage=False)
+        import json
+
+        class_name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "MultiViewDiT")
+        if class_name not in MODEL_CLASSES:
+            raise CorrlabError(
+                f"path: {str(model_dir)!r} holds a {class_name!r}; expected one of {sorted(MODEL_CLASSES)}"
+            )
+        model = MODEL_CLASSES[class_name].from_pretrained(model_dir, use_safetensors=True, low_cpu_mem_usage=False)
         model.eval()
         scheduler = (
             FlowMatchEulerDiscreteScheduler.from_pretrained(sched_dir) if sched_dir.is_dir() else default_scheduler()
@@ -110,9 +127,10 @@ class CorrlabPipeline:
         prompt_embeds: torch.Tensor,
         ray_embeds: torch.Tensor,
         guidance_scale: float = DEFAULT_GUIDANCE,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Guided velocity: ``x (B, V, 3, H, W)``, ``t (B,)`` or float, ``prompt_embeds (B, D)``,
-        ``ray_embeds (B, V, 6, h, w)`` -> ``(B, V, 3, H, W)``.
+        ``ray_embeds (B, V, 6, h, w)``, ``given (B, V)`` bool reference views (or None) -> ``(B, V, 3, H, W)``.
 
         One batched model call: with ``guidance_scale == 1`` the conditional prediction alone, else
         ``v_null + g (v_cond - v_null)`` with the null prompt, conditional and unconditional stacked.
@@ -126,11 +144,15 @@ class CorrlabPipeline:
         check_shape("t", t, (B,), expected=f"({B},) or a float")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueRangeError(f"guidance_scale: expected a number >= 0, got {guidance_scale!r}")
+        kw = {} if given is None else {"given": given}
         if guidance_scale == 1.0:
-            return self.model(x, t, prompt_embeds, ray_embeds)
+            return self.model(x, t, prompt_embeds, ray_embeds, **kw)
         null = self.model.null_prompt_embeds(B).to(prompt_embeds)
+        if given is not None:
+            kw = {"given": torch.cat([given, given])}
         v = self.model(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([prompt_embeds, null]), torch.cat([ray_embeds, ray_embeds])
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([prompt_embeds, null]), torch.cat([ray_embeds, ray_embeds]),
+            **kw,
         )
         v_cond, v_null = v.chunk(2)
         return v_null + guidance_scale * (v_cond - v_null)
@@ -155,8 +177,13 @@ class CorrlabPipeline:
         generator: torch.Generator | None = None,
         progress: bool = True,
         size: int | None = None,
+        reference: dict | None = None,
     ):
         """Generate one set per prompt: a ``MultiViewSet`` (or a list of them for a list of prompts).
+
+        ``reference`` ``{view index: image (3, H, W) in [0, 1]}`` gives those views as clean references
+        (image-conditioned generation): they enter the model clean, flagged as given, are kept fixed, and are
+        returned unchanged; the other views are generated. ``meta["given_views"]`` lists them.
 
         ``cameras`` None -> ``corrlab.scenes.sample_cameras(seed, num_views, size, layout="train")``
         (the same cameras for every prompt of the call). The initial noise comes from ``generator`` when
@@ -179,22 +206,67 @@ class CorrlabPipeline:
             if not isinstance(cam, Camera):
                 raise CorrlabError(f"cameras[{i}]: expected a corrlab.geometry.Camera, got {describe(cam)}")
         B, V = len(prompts), len(cameras)
+        given, ref = self._reference_views(reference, V, size)
         if generator is None:
             generator = torch.Generator().manual_seed(int(seed))
         prompt_embeds = self.encode_prompt(prompts)
         rays = self.ray_embeds(cameras, size)[None].expand(B, -1, -1, -1, -1)
         x = torch.randn((B, V, 3, size, size), generator=generator, dtype=torch.float32).to(self.device)
+        given_b = None
+        if given is not None:
+            given_b = given[None].expand(B, -1).to(self.device)
+            ref = ref.to(self.device)
+            x = torch.where(given_b[:, :, None, None, None], ref[None] * 2.0 - 1.0, x)
         ts = self.timesteps(num_inference_steps)
         was_training = self.model.training
         self.model.eval()
         try:
             for i in tqdm(range(num_inference_steps), desc="sampling", disable=not progress, leave=False):
-                v = self.velocity(x, float(ts[i]), prompt_embeds, rays, guidance_scale)
+                v = self.velocity(x, float(ts[i]), prompt_embeds, rays, guidance_scale, given=given_b)
+                if given_b is not None:
+                    v = v.masked_fill(given_b[:, :, None, None, None], 0.0)  # references stay clean
                 x = x + (float(ts[i + 1]) - float(ts[i])) * v
         finally:
             self.model.train(was_training)
         images = ((x.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+        if given is not None:
+            images[:, given] = ref[given].cpu()  # bit-exact copies of the given images
         meta = {"num_inference_steps": num_inference_steps, "guidance_scale": float(guidance_scale), "generated": True}
+        if given is not None:
+            meta["given_views"] = [int(v) for v in torch.nonzero(given).flatten()]
+        return self._sets(images, cameras, prompts, seed, meta, single)
+
+    def _reference_views(self, reference, views: int, size: int):
+        """Validate ``reference`` -> ``(given (V,) bool, images (V, 3, S, S))`` or ``(None, None)``."""
+        if reference is None or (isinstance(reference, dict) and not reference):
+            return None, None
+        if not isinstance(reference, dict):
+            raise CorrlabError(f"reference: expected a dict {{view index: image (3, H, W)}}, got {describe(reference)}")
+        if not self.supports_reference:
+            raise CorrlabError(
+                "reference: this model was not trained with reference views (a MultiViewDiT without "
+                "reference_conditioning); use a MultiViewUNet or a reference-conditioned model"
+            )
+        given = torch.zeros(views, dtype=torch.bool)
+        ref = torch.zeros(views, 3, size, size, dtype=torch.float32)
+        for v, img in reference.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < views:
+                raise CorrlabError(f"reference: expected view indices in [0, {views}), got key {v!r}")
+            img = torch.as_tensor(img, dtype=torch.float32)
+            check_shape(f"reference[{v}]", img, (3, size, size), expected=f"(3, {size}, {size}) in [0, 1]")
+            if not bool(torch.isfinite(img).all()) or float(img.min()) < 0 or float(img.max()) > 1:
+                raise ValueRangeError(f"reference[{v}]: expected finite values in [0, 1], got [{float(img.min())}, {float(img.max())}]")
+            given[v] = True
+            ref[v] = img
+        if bool(given.all()):
+            raise CorrlabError(f"reference: every one of the {views} views is given; leave at least one to generate")
+        return given, ref
+
+    @staticmethod
+    def _sets(images, cameras, prompts, seed, meta, single):
+        from ..sets import MultiViewSet
+
+        B = images.shape[0]
         sets = [
             MultiViewSet(images=images[b], cameras=cameras, prompt=prompts[b], seed=int(seed), meta=dict(meta))
             for b in range(B)

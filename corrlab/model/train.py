@@ -31,8 +31,15 @@ from tqdm.auto import tqdm
 from ..errors import CorrlabError, FormatError, ValueRangeError
 from .dit import MultiViewDiT
 from .rays import plucker_ray_embeds
+from .unet import MultiViewUNet
 
-__all__ = ["TrainConfig", "Trainer", "render_batch", "flow_matching_loss", "sample_timesteps", "export_pipeline", "HELD_OUT_SEED_START"]
+#: The embedded model's architectures, by the name ``TrainConfig.arch`` uses.
+ARCHITECTURES = {"dit": MultiViewDiT, "unet": MultiViewUNet}
+
+__all__ = [
+    "TrainConfig", "Trainer", "render_batch", "flow_matching_loss", "sample_timesteps", "sample_given",
+    "export_pipeline", "HELD_OUT_SEED_START", "ARCHITECTURES",
+]
 
 #: Scene seeds >= this are never used for training: they are reserved for evaluation.
 HELD_OUT_SEED_START = 1_000_000
@@ -42,7 +49,10 @@ HELD_OUT_SEED_START = 1_000_000
 class TrainConfig:
     """Everything a training run depends on (JSON-able; ``TrainConfig.from_json(path)``).
 
-    model: keyword arguments of :class:`MultiViewDiT` (hidden_size, num_layers, num_heads, ...).
+    arch: "dit" (:class:`MultiViewDiT`) or "unet" (:class:`MultiViewUNet`).
+    model: keyword arguments of the architecture (hidden_size, num_layers, num_heads, ... / channels, ...).
+    reference_probs: probabilities of 0, 1, 2, ... clean reference views per set (capped at V - 1; the
+    loss covers only the generated views); ``(1.0,)`` trains text-to-multi-view only.
     image_size: rendered view side in pixels.
     views: view counts to train on, drawn per step with probabilities ``view_probs``.
     views_per_batch: sets per step = views_per_batch // V (constant compute per step).
@@ -62,6 +72,8 @@ class TrainConfig:
             prompt_dim=64, ray_freqs=5, scene_scale=1.0,
         )
     )
+    arch: str = "dit"
+    reference_probs: tuple[float, ...] = (1.0,)
     image_size: int = 64
     views: tuple[int, ...] = (2, 4)
     view_probs: tuple[float, ...] = (0.75, 0.25)
@@ -94,6 +106,13 @@ class TrainConfig:
         self.view_probs = tuple(float(p) for p in self.view_probs)
         self.betas = tuple(float(b) for b in self.betas)
         self.train_seeds = tuple(int(s) for s in self.train_seeds)
+        self.reference_probs = tuple(float(p) for p in self.reference_probs)
+        if self.arch not in ARCHITECTURES:
+            raise CorrlabError(f"arch: expected one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
+        if not self.reference_probs or abs(sum(self.reference_probs) - 1) > 1e-6 or min(self.reference_probs) < 0:
+            raise CorrlabError(
+                f"reference_probs: expected probabilities of 0, 1, 2, ... references summing to 1, got {self.reference_probs}"
+            )
         if len(self.views) != len(self.view_probs) or not self.views or abs(sum(self.view_probs) - 1) > 1e-6:
             raise CorrlabError(
                 f"view_probs: expected one probability per entry of views {self.views} summing to 1, got {self.view_probs}"
@@ -144,18 +163,36 @@ def sample_timesteps(n: int, mode: str, generator: torch.Generator, std: float =
 
 
 def flow_matching_loss(
-    model: MultiViewDiT,
+    model: MultiViewDiT | MultiViewUNet,
     x0: torch.Tensor,
     prompt_embeds: torch.Tensor,
     ray_embeds: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
+    given: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rectified-flow MSE: ``x0 (B, V, 3, H, W)`` in [-1, 1], ``t (B,)``, ``noise`` like x0 -> scalar."""
+    """Rectified-flow MSE: ``x0 (B, V, 3, H, W)`` in [-1, 1], ``t (B,)``, ``noise`` like x0 -> scalar.
+
+    ``given (B, V)`` bool: reference views enter clean (flagged) and are left out of the loss.
+    """
     tt = t.view(-1, 1, 1, 1, 1).to(x0)
     x_t = (1 - tt) * x0 + tt * noise
-    v = model(x_t, t, prompt_embeds, ray_embeds)
-    return torch.nn.functional.mse_loss(v.float(), (noise - x0).float())
+    if given is None:
+        v = model(x_t, t, prompt_embeds, ray_embeds)
+        return torch.nn.functional.mse_loss(v.float(), (noise - x0).float())
+    x_in = torch.where(given[:, :, None, None, None], x0, x_t)
+    v = model(x_in, t, prompt_embeds, ray_embeds, given=given)
+    err = (v.float() - (noise - x0).float()).pow(2).mean(dim=(2, 3, 4))  # (B, V)
+    w = (~given).float()
+    return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
+def sample_given(config: TrainConfig, batch: int, views: int, generator: torch.Generator) -> torch.Tensor:
+    """``(B, V)`` bool reference masks: per set, ``k ~ reference_probs`` (capped at ``V - 1``) random views."""
+    probs = torch.tensor(config.reference_probs, dtype=torch.float64)
+    k = torch.multinomial(probs, batch, replacement=True, generator=generator).clamp(max=views - 1)
+    order = torch.rand(batch, views, generator=generator).argsort(dim=1)
+    return order < k[:, None]
 
 
 def render_batch(seeds: Sequence[int], views: int, size: int, layout: str, patch_size: int, scene_scale: float):
@@ -208,8 +245,9 @@ class Trainer:
         if self.device.type == "cpu" and config.threads > 0:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
-        self.model = MultiViewDiT(**config.model).to(self.device)
-        self.ema = MultiViewDiT(**config.model).to(self.device)
+        cls = ARCHITECTURES[config.arch]
+        self.model = cls(**config.model).to(self.device)
+        self.ema = cls(**config.model).to(self.device)
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(
@@ -246,8 +284,9 @@ class Trainer:
         if not dirs:
             return False
         ck = dirs[-1]
-        self.model.load_state_dict(MultiViewDiT.from_pretrained(ck / "model", low_cpu_mem_usage=False).state_dict())
-        self.ema.load_state_dict(MultiViewDiT.from_pretrained(ck / "ema", low_cpu_mem_usage=False).state_dict())
+        cls = ARCHITECTURES[self.config.arch]
+        self.model.load_state_dict(cls.from_pretrained(ck / "model", low_cpu_mem_usage=False).state_dict())
+        self.ema.load_state_dict(cls.from_pretrained(ck / "ema", low_cpu_mem_usage=False).state_dict())
         self.opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location=self.device))
         state = json.loads((ck / "state.json").read_text())
         self.step, self.wall = int(state["step"]), float(state["wall_s"])
@@ -268,21 +307,23 @@ class Trainer:
         cfg = self.config
         V, seeds = step_plan(cfg, self.step)
         x0, prompts, rays = render_batch(
-            seeds, V, cfg.image_size, cfg.layout, cfg.model.get("patch_size", 4), cfg.model.get("scene_scale", 1.0)
+            seeds, V, cfg.image_size, cfg.layout, int(self.model.config.patch_size), float(self.model.config.scene_scale)
         )
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         B = x0.shape[0]
         t = sample_timesteps(B, cfg.t_sampling, g, cfg.t_std)
         noise = torch.randn(x0.shape, generator=g)
         drop = torch.rand(B, generator=g) < cfg.cfg_dropout
+        given = sample_given(cfg, B, V, g) if len(cfg.reference_probs) > 1 else None
         x0, rays, t, noise, drop = (a.to(self.device) for a in (x0, rays, t, noise, drop))
+        given = given.to(self.device) if given is not None else None
         self.model.train()
         pe = self.model.encode_prompt(prompts)
         pe = torch.where(drop[:, None], self.model.null_prompt_embeds(B), pe)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = flow_matching_loss(self.model, x0, pe, rays, t, noise)
+            loss = flow_matching_loss(self.model, x0, pe, rays, t, noise, given)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -344,7 +385,9 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, which
         raise CorrlabError(f"checkpoint: expected a folder with {which}/config.json, got {str(ck)!r} (which={which!r})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = MultiViewDiT.from_pretrained(ck / which, low_cpu_mem_usage=False)
+    arch = json.loads((ck / which / "config.json").read_text()).get("_class_name", "MultiViewDiT")
+    cls = MultiViewUNet if arch == "MultiViewUNet" else MultiViewDiT
+    model = cls.from_pretrained(ck / which, low_cpu_mem_usage=False)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     CorrlabPipeline(model).save_pretrained(tmp)
     run_config = ck.parent.parent / "config.json"

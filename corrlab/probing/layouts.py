@@ -229,7 +229,8 @@ def _attention_modules(model: Any, suffix: str, cls: type) -> list[tuple[str, An
 
 
 class EmbeddedFamily(Family):
-    """corrlab's ``MultiViewDiT`` (and models shaped like it): ``blocks.{i}.attn`` over ``(B, V*h*w, C)``.
+    """corrlab's ``MultiViewDiT`` and ``MultiViewUNet`` (and models shaped like them): ``blocks.{i}.attn`` over
+    ``(B, V*h*w, C)``; a multi-resolution model names each layer's grid with ``attention_grids(H, W)``.
 
     The forward gets ``sample (B, V, c, H, W)`` in pixel space; patch size ``config.patch_size`` p gives the
     grid ``(H/p, W/p)``; the generated images are ``(H, W)`` pixels.
@@ -257,7 +258,12 @@ class EmbeddedFamily(Family):
 
     def config_grid(self, model, name, kind):
         size, p = getattr(model.config, "sample_size", None), model.config.patch_size
-        return (size // p, size // p) if isinstance(size, int) else None
+        if not isinstance(size, int):
+            return None
+        grids = getattr(model, "attention_grids", None)  # multi-resolution models (MultiViewUNet)
+        if callable(grids):
+            return grids(size, size).get(name)
+        return (size // p, size // p)
 
     def read_forward(self, model, arguments):
         sample = _argument(arguments, "sample", self.name)
@@ -272,7 +278,12 @@ class EmbeddedFamily(Family):
         if group_size != 1:
             raise CorrlabError(f"group_size: the {self.name} family holds its views in one sequence; got {group_size}")
         (H, W), p = state["size"], state["patch"]
-        layout = TokenLayout(state["num_images"], (H // p, W // p), _scaled((H, W), scale))
+        V = state["num_images"]
+        grid = (H // p, W // p)
+        if int(q.shape[2]) != V * grid[0] * grid[1] and int(q.shape[2]) % V == 0:
+            # a multi-resolution model (MultiViewUNet): the layer's grid is the image grid halved k times
+            grid = grid_from_token_count(int(q.shape[2]) // V, grid)
+        layout = TokenLayout(V, grid, _scaled((H, W), scale))
         return ImageTokens(layout, "sequence")
 
 

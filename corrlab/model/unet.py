@@ -1,0 +1,256 @@
+"""``MultiViewUNet``: a small pixel-space multi-view rectified-flow UNet (diffusers model).
+
+The SD / MVDream / MV-Adapter family the CorrAdapter paper's released backbones belong to, sized for a
+CPU: convolutional ResBlocks on each view separately (64 -> 32 -> 16 -> 8 pixels), and joint
+multi-view self-attention (``blocks.{i}.attn``, diffusers :class:`~diffusers.models.attention_processor.Attention`
+with ``AttnProcessor2_0``) at the coarse levels, over the sequence ``(B, V*h*w, C)`` ordered view-major
+then row-major, exactly like :class:`~corrlab.model.dit.MultiViewDiT` (so every corrlab path reads it the
+same way). ``attention_grids()`` names each attention layer's token grid.
+
+Camera: each pixel's Plücker ray ``(d, m)`` is concatenated to the input (a ray map, ``patch_size = 1``),
+and at every attention layer a Fourier MLP of the ray through each token (the mean of its pixels' rays,
+which is the ray through their mean direction) is added to the token before attention (PETR-style). No 2D
+position embedding is shared across views: position reaches attention only through the camera.
+
+Reference views (CAT3D / Zero123++ style): ``given (B, V)`` bool marks views whose input is the clean image
+(no noise); a learned flag channel tells the network which they are. Their velocity output is ignored by the
+pipeline and by the loss.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..errors import ShapeError, check_shape, describe
+from .dit import ray_fourier_features, scene_vocabulary, timestep_features
+from .prompt import PromptEncoder
+
+__all__ = ["MultiViewUNet"]
+
+
+def _groups(c: int) -> int:
+    for g in (8, 4, 2, 1):
+        if c % g == 0:
+            return g
+    return 1
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, scale/shift from the conditioning vector, 1x1 skip when widths differ."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.cond = nn.Linear(cond_dim, 2 * cout)
+        self.norm2 = nn.GroupNorm(_groups(cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``x (N, cin, H, W)``, ``cond (N, cond_dim)`` -> ``(N, cout, H, W)``."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.cond(cond)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+class MultiViewAttentionBlock(nn.Module):
+    """Pre-norm joint multi-view self-attention over all views' tokens, plus a token MLP.
+
+    The camera reaches attention through ``ray_embed``: a Fourier MLP of each token's ray added to the
+    normalised tokens before q/k/v.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ray_freqs: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.ray_embed = nn.Sequential(nn.Linear(6 + 12 * ray_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.attn = Attention(
+            query_dim=dim, heads=num_heads, dim_head=dim // num_heads, bias=True, out_bias=True,
+            processor=AttnProcessor2_0(),
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+        self.ray_freqs = ray_freqs
+
+    def forward(self, x: torch.Tensor, rays: torch.Tensor, views: int) -> torch.Tensor:
+        """``x (B*V, C, h, w)``, ``rays (B*V, 6, h, w)`` -> ``(B*V, C, h, w)``."""
+        BV, C, h, w = x.shape
+        B = BV // views
+        tok = x.permute(0, 2, 3, 1).reshape(B, views * h * w, C)
+        r = rays.permute(0, 2, 3, 1).reshape(B, views * h * w, 6)
+        a = self.norm1(tok) + self.ray_embed(ray_fourier_features(r, self.ray_freqs))
+        tok = tok + self.attn(a)
+        tok = tok + self.mlp(self.norm2(tok))
+        return tok.reshape(BV, h, w, C).permute(0, 3, 1, 2)
+
+
+class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
+    """Multi-view pixel-space UNet predicting the rectified-flow velocity ``eps - x0``.
+
+    ``forward(sample (B, V, 3, H, W) in [-1, 1] scale, timestep (B,) in [0, 1] (1 = noise),
+    prompt_embeds (B, D), ray_embeds (B, V, 6, H, W) per-pixel Plücker rays, given (B, V) bool or None)
+    -> velocity (B, V, 3, H, W)``. ``H`` and ``W`` must be divisible by ``2 ** (len(channels) - 1)``.
+
+    Config: ``sample_size``, ``channels`` (width per level, finest first), ``attention_levels`` (indices of
+    the levels with multi-view attention; level ``i`` has stride ``2 ** i``), ``num_heads``, ``prompt_dim``,
+    ``ray_freqs``, ``scene_scale``, ``vocabulary``, ``stem`` (pixel-unshuffle factor of the input: level 0
+    runs at ``H / stem``); ``patch_size`` is 1 (rays are per pixel) and exists so
+    that the pipeline and the probes read this model like :class:`MultiViewDiT`.
+    Attention layers, in forward order: encoder levels (coarsening), the middle, decoder levels (refining);
+    ``attention_grids(H, W)`` gives each one's token grid.
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 64,
+        in_channels: int = 3,
+        channels: Sequence[int] = (32, 64, 96, 128),
+        attention_levels: Sequence[int] = (2, 3),
+        num_heads: int = 4,
+        prompt_dim: int = 64,
+        ray_freqs: int = 4,
+        scene_scale: float = 1.0,
+        patch_size: int = 1,
+        vocabulary: Sequence[str] | None = None,
+        stem: int = 1,
+    ):
+        super().__init__()
+        if vocabulary is None:
+            vocabulary = scene_vocabulary()
+        self.register_to_config(vocabulary=list(vocabulary), channels=list(channels), attention_levels=list(attention_levels))
+        if patch_size != 1:
+            raise ShapeError(f"patch_size: MultiViewUNet takes per-pixel rays, expected 1, got {patch_size}")
+        chans = list(channels)
+        levels = len(chans)
+        att = sorted(set(int(a) for a in attention_levels))
+        if any(a < 0 or a >= levels for a in att):
+            raise ShapeError(f"attention_levels: expected indices in [0, {levels}), got {attention_levels}")
+        cond_dim = 4 * chans[0]
+        self.prompt_encoder = PromptEncoder(list(vocabulary), prompt_dim)
+        self.time_embed = nn.Sequential(nn.Linear(chans[0], cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.prompt_proj = nn.Sequential(nn.Linear(prompt_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        # input: image (3) + given flag (1) + ray map (6), pixel-unshuffled by ``stem`` (a patchifying stem)
+        self.conv_in = nn.Conv2d((in_channels + 1 + 6) * stem * stem, chans[0], 3, padding=1)
+        self.given_embed = nn.Parameter(torch.zeros(2, chans[0]))
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for i, c in enumerate(chans):
+            cin = chans[i - 1] if i > 0 else chans[0]
+            self.down.append(ResBlock(cin, c, cond_dim))
+            self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < levels - 1 else nn.Identity())
+        self.mid = ResBlock(chans[-1], chans[-1], cond_dim)
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in reversed(range(levels)):
+            c = chans[i]
+            self.up.append(ResBlock(2 * c, c, cond_dim))  # upsampled (or middle) features + skip
+            self.upsample.append(nn.Conv2d(c, chans[i - 1], 3, padding=1) if i > 0 else nn.Identity())
+        # attention blocks in forward order: encoder (levels ascending), middle, decoder (descending)
+        plan: list[tuple[str, int]] = [("down", a) for a in att] + [("mid", levels - 1)] + [("up", a) for a in reversed(att)]
+        self._attention_plan = plan
+        self.blocks = nn.ModuleList([MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs) for _, lv in plan])
+        self.norm_out = nn.GroupNorm(_groups(chans[0]), chans[0])
+        self.conv_out = nn.Conv2d(chans[0], in_channels * stem * stem, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    # ---------------------------------------------------------------- helpers
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``B`` prompts -> ``(B, D)`` (mean of word embeddings; linear in them)."""
+        return self.prompt_encoder(prompts)
+
+    def null_prompt_embeds(self, batch: int) -> torch.Tensor:
+        """``(B, D)`` unconditional embeddings for classifier-free guidance."""
+        return self.prompt_encoder.null(batch)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return int(self.config.stem) * 2 ** (len(self.config.channels) - 1)
+
+    def attention_grids(self, height: int | None = None, width: int | None = None) -> dict[str, tuple[int, int]]:
+        """``{"blocks.{i}.attn": (h, w)}``: the token grid of each multi-view attention layer for an image of
+        ``height x width`` pixels (default ``sample_size``); token (row, col) covers a ``stride x stride`` cell."""
+        H = int(height or self.config.sample_size)
+        W = int(width or self.config.sample_size)
+        s = int(self.config.stem)
+        return {f"blocks.{i}.attn": ((H // s) >> lv, (W // s) >> lv) for i, (_, lv) in enumerate(self._attention_plan)}
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        prompt_embeds: torch.Tensor,
+        ray_embeds: torch.Tensor,
+        given: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity ``(B, V, 3, H, W)``; see the class docstring for the arguments."""
+        if sample.ndim != 5 or sample.shape[2] != self.config.in_channels:
+            raise ShapeError(f"sample: expected shape (B, V, {self.config.in_channels}, H, W), got {describe(sample)}")
+        B, V, c, H, W = sample.shape
+        f = self.downsampling_factor
+        if H % f or W % f:
+            raise ShapeError(f"sample: expected H and W divisible by {f}, got {describe(sample)}")
+        check_shape("ray_embeds", ray_embeds, (B, V, 6, H, W), expected=f"({B}, {V}, 6, {H}, {W}) per-pixel rays")
+        check_shape("prompt_embeds", prompt_embeds, (B, self.config.prompt_dim))
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        check_shape("timestep", t, (B,))
+        if given is None:
+            given = torch.zeros(B, V, dtype=torch.bool, device=sample.device)
+        check_shape("given", given, (B, V))
+        dtype = self.conv_in.weight.dtype
+        cond = self.time_embed(timestep_features(t, self.config.channels[0]).to(dtype))
+        cond = cond + self.prompt_proj(prompt_embeds.to(dtype))
+        cond = cond[:, None].expand(B, V, -1).reshape(B * V, -1)
+        flag = given.reshape(B * V, 1, 1, 1).to(dtype).expand(B * V, 1, H, W)
+        rays = ray_embeds.to(dtype).reshape(B * V, 6, H, W)
+        x = torch.cat([sample.to(dtype).reshape(B * V, c, H, W), flag, rays], dim=1)
+        s = int(self.config.stem)
+        if s > 1:
+            x = F.pixel_unshuffle(x, s)
+            rays = F.avg_pool2d(rays, s)
+        x = self.conv_in(x) + self.given_embed[given.reshape(-1).long()][:, :, None, None]
+        ray_levels = [rays]
+        for _ in range(len(self.config.channels) - 1):
+            ray_levels.append(F.avg_pool2d(ray_levels[-1], 2))
+        att_down = {lv: i for i, (kind, lv) in enumerate(self._attention_plan) if kind == "down"}
+        att_up = {lv: i for i, (kind, lv) in enumerate(self._attention_plan) if kind == "up"}
+        mid_i = next(i for i, (kind, _) in enumerate(self._attention_plan) if kind == "mid")
+        skips = []
+        for lv, (res, ds) in enumerate(zip(self.down, self.downsample)):
+            x = res(x, cond)
+            if lv in att_down:
+                x = self.blocks[att_down[lv]](x, ray_levels[lv], V)
+            skips.append(x)
+            x = ds(x)
+        x = self.mid(x, cond)
+        x = self.blocks[mid_i](x, ray_levels[-1], V)
+        levels = len(self.config.channels)
+        for j, (res, us) in enumerate(zip(self.up, self.upsample)):
+            lv = levels - 1 - j
+            x = res(torch.cat([x, skips[lv]], dim=1), cond)
+            if lv in att_up:
+                x = self.blocks[att_up[lv]](x, ray_levels[lv], V)
+            if lv > 0:
+                x = us(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = self.conv_out(F.silu(self.norm_out(x)))
+        if s > 1:
+            x = F.pixel_shuffle(x, s)
+        return x.reshape(B, V, c, H, W).to(sample.dtype)

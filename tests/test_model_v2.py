@@ -1,0 +1,220 @@
+"""Tests of the embedded model v2: MultiViewUNet, reference views (image conditioning), training with
+references, the image-conditioned evaluation, and `corrlab generate --reference`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import corrlab
+from corrlab.cli import main as cli_main
+from corrlab.errors import CorrlabError, ShapeError
+from corrlab.model import CorrlabPipeline, MultiViewDiT, MultiViewUNet, plucker_ray_embeds
+from corrlab.model.conditioned import native_hits, pool_hits, psnr, reconstruction, ssim
+from corrlab.model.train import TrainConfig, Trainer, flow_matching_loss, sample_given
+from corrlab.scenes import render_scene, sample_cameras
+from corrlab.sets import load_set, save_set
+
+TINY_UNET = dict(sample_size=16, channels=[8, 16], attention_levels=[0, 1], stem=2, num_heads=2, prompt_dim=8,
+                 ray_freqs=2)
+
+
+def tiny_unet(seed: int = 0) -> MultiViewUNet:
+    torch.manual_seed(seed)
+    m = MultiViewUNet(**TINY_UNET)
+    # zero-initialised output convs: perturb every weight so the tests see a non-trivial function
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return m.eval()
+
+
+def unet_inputs(B=1, V=3, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, 3, size, size, generator=g)
+    t = torch.rand(B, generator=g)
+    rays = torch.stack([plucker_ray_embeds(sample_cameras(seed + b, V, size, "train"), size, 1) for b in range(B)])
+    return x, t, rays
+
+
+def test_unet_forward_grids_and_bad_input():
+    m = tiny_unet()
+    x, t, rays = unet_inputs(B=2)
+    pe = m.encode_prompt(["red striped box", "blue dotted sphere"])
+    v = m(x, t, pe, rays)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    # stem 2: level 0 at 8x8, level 1 at 4x4; attention down(0), down(1), mid(1), up(1), up(0)
+    assert m.attention_grids() == {
+        "blocks.0.attn": (8, 8), "blocks.1.attn": (4, 4), "blocks.2.attn": (4, 4),
+        "blocks.3.attn": (4, 4), "blocks.4.attn": (8, 8),
+    }
+    with pytest.raises(ShapeError, match="ray_embeds"):
+        m(x, t, pe, rays[..., ::4, ::4])  # token-resolution rays: the UNet takes per-pixel rays
+    with pytest.raises(ShapeError, match="given"):
+        m(x, t, pe, rays, given=torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="divisible"):
+        m(x[..., :14, :14], t, pe, rays[..., :14, :14])
+
+
+def test_unet_permutation_equivariant_over_views():
+    """Position reaches attention only through camera rays: permuting views with their rays permutes the output.
+    Tolerance 1e-5: attention sums the same terms in another order (float32 reassociation)."""
+    m = tiny_unet()
+    x, t, rays = unet_inputs(B=1, V=4)
+    pe = m.encode_prompt(["green checkered cone"])
+    given = torch.tensor([[True, False, False, True]])
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        v = m(x, t, pe, rays, given=given)
+        vp = m(x[:, perm], t, pe, rays[:, perm], given=given[:, perm])
+    torch.testing.assert_close(vp, v[:, perm], atol=1e-5, rtol=1e-5)
+
+
+def test_given_flag_changes_the_output():
+    m = tiny_unet()
+    x, t, rays = unet_inputs(B=1, V=2)
+    pe = m.encode_prompt(["red striped box"])
+    with torch.no_grad():
+        a = m(x, t, pe, rays, given=torch.tensor([[False, False]]))
+        b = m(x, t, pe, rays, given=torch.tensor([[True, False]]))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_loss_ignores_given_views():
+    """The loss is the mean squared error over the generated views only: changing the truth's given view
+    changes the model's INPUT, so compare against the loss computed by hand on the non-given views."""
+    m = tiny_unet()
+    x0, t, rays = unet_inputs(B=2, V=3)
+    x0 = x0.clamp(-1, 1)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    pe = m.encode_prompt(["red striped box", "blue dotted sphere"])
+    given = torch.tensor([[True, False, False], [False, True, True]])
+    loss = flow_matching_loss(m, x0, pe, rays, t, noise, given)
+    tt = t.view(-1, 1, 1, 1, 1)
+    x_in = torch.where(given[:, :, None, None, None], x0, (1 - tt) * x0 + tt * noise)
+    v = m(x_in, t, pe, rays, given=given)
+    err = (v - (noise - x0)).pow(2).mean(dim=(2, 3, 4))
+    manual = err[~given].mean()
+    torch.testing.assert_close(loss, manual, atol=1e-6, rtol=1e-6)  # same terms, another summation order
+
+
+def test_sample_given_caps_and_mixes():
+    cfg = TrainConfig(arch="unet", model=TINY_UNET, image_size=16, reference_probs=(0.2, 0.5, 0.3), views=(2, 4),
+                      view_probs=(0.5, 0.5), views_per_batch=4)
+    g = torch.Generator().manual_seed(0)
+    counts4 = sample_given(cfg, 4000, 4, g).sum(dim=1)
+    share = torch.bincount(counts4, minlength=4).double() / 4000
+    assert share[3] == 0  # never more than 2 references with reference_probs of length 3
+    torch.testing.assert_close(share[:3], torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), atol=0.03, rtol=0)  # 4000 draws: sd ~0.008
+    counts2 = sample_given(cfg, 2000, 2, g).sum(dim=1)
+    assert counts2.max() == 1  # capped at V - 1: one view is always generated
+    with pytest.raises(CorrlabError, match="reference_probs"):
+        TrainConfig(reference_probs=(0.5, 0.2))
+    with pytest.raises(CorrlabError, match="arch"):
+        TrainConfig(arch="transformer")
+
+
+def test_unet_training_with_references_runs_and_resumes(tmp_path):
+    cfg = TrainConfig(arch="unet", model=TINY_UNET, image_size=16, reference_probs=(0.2, 0.5, 0.3), views=(2,),
+                      view_probs=(1.0,), views_per_batch=4, steps=3, checkpoint_every=2, eval_every=0, log_every=1,
+                      warmup_steps=1)
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.run(progress=False)
+    assert tr.step == 3
+    tr2 = Trainer(cfg, tmp_path / "run")
+    assert tr2.resume() and tr2.step == 3
+    for a, b in zip(tr.model.parameters(), tr2.model.parameters()):
+        assert torch.equal(a, b)  # exact: the same saved tensors read back (safetensors round trip)
+
+
+def test_pipeline_reference_views_are_kept_and_condition_the_rest():
+    pipe = CorrlabPipeline(tiny_unet())
+    truth = render_scene(7, 3, 16, "train")
+    ref = {0: truth.images[0]}
+    a = pipe(truth.prompt, cameras=truth.cameras, reference=ref, num_inference_steps=3, seed=1, progress=False)
+    b = pipe(truth.prompt, cameras=truth.cameras, reference=ref, num_inference_steps=3, seed=1, progress=False)
+    plain = pipe(truth.prompt, cameras=truth.cameras, num_inference_steps=3, seed=1, progress=False)
+    assert torch.equal(a.images[0], truth.images[0])  # exact: the given image is copied through unchanged
+    assert torch.equal(a.images, b.images)  # exact: the same seeded computation twice
+    assert a.meta["given_views"] == [0] and "given_views" not in plain.meta
+    assert (a.images[1:] - plain.images[1:]).abs().max() > 1e-3  # the reference changes the generated views
+    with pytest.raises(CorrlabError, match="view indices"):
+        pipe(truth.prompt, cameras=truth.cameras, reference={3: truth.images[0]}, num_inference_steps=1, progress=False)
+    with pytest.raises(ShapeError, match=r"reference\[0\]"):
+        pipe(truth.prompt, cameras=truth.cameras, reference={0: truth.images[0][:, :8]}, num_inference_steps=1,
+             progress=False)
+    with pytest.raises(CorrlabError, match="every one"):
+        pipe(truth.prompt, cameras=truth.cameras, reference={i: truth.images[i] for i in range(3)},
+             num_inference_steps=1, progress=False)
+
+
+def test_dit_without_reference_conditioning_refuses_references():
+    dit = MultiViewDiT(sample_size=16, patch_size=4, hidden_size=32, num_layers=1, num_heads=2, prompt_dim=8,
+                       ray_freqs=2)
+    pipe = CorrlabPipeline(dit.eval())
+    truth = render_scene(3, 2, 16, "train")
+    with pytest.raises(CorrlabError, match="not trained with reference views"):
+        pipe(truth.prompt, cameras=truth.cameras, reference={0: truth.images[0]}, num_inference_steps=1, progress=False)
+    dit_ref = MultiViewDiT(sample_size=16, patch_size=4, hidden_size=32, num_layers=1, num_heads=2, prompt_dim=8,
+                           ray_freqs=2, reference_conditioning=True)
+    out = CorrlabPipeline(dit_ref.eval())(truth.prompt, cameras=truth.cameras, reference={0: truth.images[0]},
+                                          num_inference_steps=2, progress=False)
+    assert torch.equal(out.images[0], truth.images[0])  # exact: copied through
+
+
+def test_probe_reads_the_unet_at_each_layers_grid_and_leaves_it_bit_identical():
+    m = tiny_unet()
+    x, t, rays = unet_inputs(B=1, V=2)
+    pe = m.encode_prompt(["red striped box"])
+    layers = dict((e.name, e.grid) for e in corrlab.probe.layers(m)) if hasattr(corrlab.probe.layers(m)[0], "name") else None
+    with torch.no_grad():
+        before = m(x, t, pe, rays)
+        with corrlab.probe(m, heads="mean") as rec:
+            during = m(x, t, pe, rays)
+        after = m(x, t, pe, rays)
+    assert torch.equal(before, during) and torch.equal(before, after)  # exact: the same forward pass three times
+    assert rec.layers == [f"blocks.{i}.attn" for i in range(5)]
+    assert rec.grid("blocks.0.attn") == (8, 8) and rec.grid("blocks.2.attn") == (4, 4)
+    if layers is not None:
+        assert layers["blocks.0.attn"] == (8, 8)
+
+
+def test_image_conditioned_evaluation_tables():
+    m = tiny_unet()
+    df = pool_hits(native_hits(m, n_sets=2, t=0.5, seed_start=1_000_500))
+    assert {"native", "chance", "same position", "camera geometry only", "appearance NN (noisy input)",
+            "appearance NN (clean)"} <= set(df.method)
+    assert ((df.share >= 0) & (df.share <= 1)).all()
+    rec = reconstruction(CorrlabPipeline(m), n_sets=2, views=2, steps=2, seed_start=1_000_600)
+    assert set(rec.method) == {"generated", "copy reference", "mean image"} and len(rec) == 6
+    img = render_scene(1, 1, 16).images[0]
+    assert psnr(img, img) == float("inf")
+    assert ssim(img, img) == pytest.approx(1.0, abs=1e-9)  # SSIM(x, x) = 1 up to float64 rounding
+    assert psnr(img, (img + 0.1).clamp(0, 1)) < 30
+
+
+def test_cli_generate_with_reference(tmp_path, capsys):
+    pipe = CorrlabPipeline(tiny_unet())
+    pipe.save_pretrained(tmp_path / "model")
+    truth = render_scene(11, 3, 16, "train")
+    save_set(truth, tmp_path / "truth")
+    out = tmp_path / "gen"
+    rc = cli_main(["generate", "--prompt", truth.prompt, "--seed", "2", "--model", str(tmp_path / "model"),
+                   "--reference", str(tmp_path / "truth"), "--reference-views", "0", "2", "--steps", "2",
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    gen = load_set(out)
+    header = json.loads((out / "cameras.json").read_text())
+    assert header["meta"]["given_views"] == [0, 2]
+    # PNG round trip: the given views come back as the same 8-bit images
+    assert torch.equal((gen.images[0] * 255).round(), (truth.images[0] * 255).round())  # exact: same 8-bit PNG data
+    assert torch.equal((gen.images[2] * 255).round(), (truth.images[2] * 255).round())  # exact: same 8-bit PNG data
+    capsys.readouterr()
+    assert cli_main(["generate", "--prompt", "red striped box", "--model", str(tmp_path / "model"),
+                     "--reference-views", "0", "--out", str(tmp_path / "x")]) != 0
+    assert "--reference-views: expected together with --reference" in capsys.readouterr().err
+    assert cli_main(["generate", "--prompt", "red striped box", "--model", str(tmp_path / "model"),
+                     "--reference", str(tmp_path / "truth"), "--reference-views", "5", "--out", str(tmp_path / "y")]) != 0
+    assert "--reference-views: expected indices in [0, 3)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
