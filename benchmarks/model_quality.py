@@ -10,7 +10,15 @@
     the untrained architecture.
 (c) Prompt adherence: dominant hue of generated objects vs the colour word (renders as a check).
 (d) Sampling seconds per 4-view set at the default step count.
-Also writes a contact sheet (rendered | generated, same prompt and cameras) with --contact-sheet.
+(e) The paper's image-conditioned setting (reference-conditioned models only): held-out scenes, view 0
+    given, views 1-3 generated under their true cameras. PSNR / SSIM / object-mask IoU against the rendered
+    truth of the same scene beside the controls "copy the reference view" and "mean image", with 95 %
+    bootstrap CIs of the paired differences; SIFT epipolar precision of the (reference + generated) views
+    under the true cameras vs another scene's cameras, beside the renders; native far-moving hits at
+    t = 0.5 (generated view -> reference view) with the best layer chosen on SEPARATE scenes, beside
+    chance, same position, camera geometry only and appearance NN.
+Also writes a contact sheet (rendered | generated, same prompt and cameras) with --contact-sheet, and for
+(e) reference | generated | truth with --conditioned-sheet.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_quality.py --n-sets 4 --n-native 2 --n-prompt 8   # quick
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_quality.py --out artifacts/model_quality          # full
@@ -172,6 +180,99 @@ def adherence(pipe, n: int, steps: int, guidance: float, seed_start: int, batch:
     return df
 
 
+# ------------------------------------------------------------------------------------------ (e)
+def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``x`` and its 95 % percentile-bootstrap CI (resampling scenes)."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, dtype=np.float64)
+    means = rng.choice(x, size=(n_boot, len(x)), replace=True).mean(axis=1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: float, seed_start: int,
+                     sheet: str | None, summary: dict, out: Path | None) -> None:
+    from corrlab.model.conditioned import native_hits, pool_hits, reconstruction
+
+    rec, sets = reconstruction(pipe, n_sets=n_sets, views=4, steps=steps, guidance=guidance,
+                               seed_start=seed_start + 30_000, return_sets=True, progress=True)
+    per_scene = rec.groupby(["scene", "method"])[["psnr", "ssim", "iou"]].mean().reset_index()
+    print("\n(e) image-conditioned: view 0 given, views 1-3 generated; mean over scenes")
+    print(per_scene.groupby("method")[["psnr", "ssim", "iou"]].mean().round(3).to_string())
+    wide = per_scene.pivot(index="scene", columns="method")
+    for metric in ("psnr", "ssim", "iou"):
+        for control in ("copy reference", "mean image"):
+            d = (wide[(metric, "generated")] - wide[(metric, control)]).dropna().to_numpy()
+            m, lo, hi = bootstrap_ci(d)
+            key = f"cond_{metric}_gen_minus_{control.replace(' ', '_')}"
+            summary[key] = f"{m:.3f}[{lo:.3f},{hi:.3f}]"
+            print(f"  {metric}: generated - {control} = {m:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]")
+        for method in ("generated", "copy reference", "mean image"):
+            summary[f"cond_{metric}_{method.replace(' ', '_')}"] = round(float(wide[(metric, method)].mean()), 4)
+    frames = []
+    for i, (truth, gen) in enumerate(sets):
+        other = sets[(i + 1) % len(sets)][0].cameras
+        for method, imgs, cams in (("rendered", truth.images, truth.cameras), ("generated", gen.images, truth.cameras),
+                                   ("generated, shuffled cameras", gen.images, other)):
+            df = sift_pair_scores(imgs, cams, method)
+            df["set"] = i
+            frames.append(df)
+    pooled = pool_consistency(pd.concat(frames, ignore_index=True))
+    print("(e) SIFT on reference + generated views (symmetric epipolar distance, pooled)")
+    print(pooled.to_string(index=False))
+    for _, r in pooled.iterrows():
+        key = {"rendered": "rendered", "generated": "generated", "generated, shuffled cameras": "shuffled"}[r["method"]]
+        summary[f"cond_sift_{key}_prec@{r['threshold']:g}px"] = round(float(r["precision"]), 4)
+    # native: choose the best layer on selection scenes, report it on separate evaluation scenes
+    sel = pool_hits(native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 40_000, progress=True))
+    ev_rows = native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 50_000, progress=True)
+    ev = pool_hits(ev_rows)
+    far_sel = sel[(sel.subset == "far") & (sel.method == "native")]
+    best = far_sel.loc[far_sel["share"].idxmax(), "layer"]
+    far_ev = ev[ev.subset == "far"]
+    print(f"(e) native far-moving hits at t=0.5 (best layer chosen on separate scenes: {best})")
+    print(far_ev.pivot_table(index=["method"], columns=["layer"], values="share", sort=False).round(3).to_string())
+    pick = far_ev[far_ev.layer == best].set_index("method")["share"]
+    summary["cond_native_best_layer"] = best
+    for method, v in pick.items():
+        summary[f"cond_native_far_{method.replace(' ', '_').replace('(', '').replace(')', '')}"] = round(float(v), 4)
+    summary["cond_native_far_queries"] = int(far_ev[(far_ev.layer == best) & (far_ev.method == "native")]["n"].iloc[0])
+    if out:
+        rec.to_csv(out / "conditioned.csv", index=False)
+        ev_rows.to_csv(out / "conditioned_native.csv", index=False)
+    if sheet:
+        conditioned_sheet(sets, Path(sheet))
+
+
+def conditioned_sheet(sets, path: Path, rows: int = 8, scale: int = 2) -> None:
+    """PNG: one row per scene: reference (view 0) | generated views 1.. | rendered truth of views 1.."""
+    from PIL import Image, ImageDraw
+
+    rows = min(rows, len(sets))
+    V, _, H, W = sets[0][1].images.shape
+    label, gap = 150, 8
+    width = label + (1 + 2 * (V - 1)) * W * scale + 2 * gap
+    sheet = Image.new("RGB", (width, rows * H * scale + 14), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r in range(rows):
+        truth, gen = sets[r]
+        x = label
+        for k, imgs in enumerate((truth.images[:1], gen.images[1:], truth.images[1:])):
+            strip = torch.cat(list(imgs), dim=2)
+            arr = (strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+            sheet.paste(im, (x, 14 + r * H * scale))
+            if r == 0:
+                draw.text((x + 2, 0), ("reference", "generated", "truth")[k], fill="black")
+            x += arr.shape[1] * scale + gap
+        draw.text((4, 14 + r * H * scale + H * scale // 2 - 6), truth.prompt, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    sheet.save(tmp, format="PNG")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------ sheet
 def contact_sheet(rendered, generated, path: Path, rows: int = 8, scale: int = 2) -> None:
     """PNG: one row per set, rendered views | generated views (same prompt and cameras), prompt on the left."""
@@ -214,13 +315,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-start", type=int, default=HELD_OUT_SEED_START)
     ap.add_argument("--contact-sheet", help="write the rendered | generated contact sheet PNG here")
     ap.add_argument("--out", help="folder for the tidy CSV tables and summary.json")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c"], help="parts to skip")
+    ap.add_argument("--conditioned-sheet", help="(e) write the reference | generated | truth contact sheet PNG here")
+    ap.add_argument("--cond-guidance", type=float, default=1.0, help="(e) guidance scale of image-conditioned sampling")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "e"], help="parts to skip")
     args = ap.parse_args(argv)
     if args.seed_start < HELD_OUT_SEED_START:
         ap.error(f"--seed-start: expected a held-out seed >= {HELD_OUT_SEED_START}, got {args.seed_start}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     pipe = load_default(args.model)
-    summary: dict = {"steps": args.steps, "guidance": args.guidance, "sift_upsample": args.sift_upsample}
+    summary: dict = {"steps": args.steps, "guidance": args.guidance, "cond_guidance": args.cond_guidance,
+                     "sift_upsample": args.sift_upsample}
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +347,9 @@ def main(argv=None) -> int:
         if args.contact_sheet:
             contact_sheet(rendered, generated, Path(args.contact_sheet))
 
-    if "b" not in args.skip:
+    if "b" not in args.skip and not isinstance(pipe.model, MultiViewDiT):
+        print("\n(b) skipped: text-only native correspondences are measured for MultiViewDiT; see (e)")
+    elif "b" not in args.skip:
         cfg = dict(pipe.model.config)
         torch.manual_seed(0)
         untrained = MultiViewDiT(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
@@ -278,6 +384,10 @@ def main(argv=None) -> int:
         summary["adherence_rendered"] = round(float(rate.get("rendered", float("nan"))), 4)
         if out:
             df.to_csv(out / "adherence.csv", index=False)
+
+    if "e" not in args.skip and pipe.supports_reference:
+        conditioned_part(pipe, args.n_sets, args.n_native, args.steps, args.cond_guidance, args.seed_start,
+                         args.conditioned_sheet, summary, out)
 
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
