@@ -142,7 +142,7 @@ def test_cli_probe_then_score(pipe, tmp_path, capsys):
             "--num-steps", "2", "--layers", "blocks.1.attn", "--threshold", "0.2", "--no-progress"]
     assert main(argv + ["--steps", "1", "--out", str(out)]) == 0
     rec, mvs = ProbeRecord.load(out / "record.nc"), load_set(out)
-    assert rec.layers == ["blocks.1.attn"] and rec.steps == [1] and rec.matching["threshold"] == 0.2
+    assert rec.layers == ["blocks.1.attn"] and rec.steps == [1] and rec.matching["threshold"] == 0.2  # exact: stored option
     # exact: the same cameras stored twice (lossless round trips, no arithmetic)
     assert [c.K.tolist() for c in rec.cameras] == [c.K.tolist() for c in mvs.cameras] and rec.seed == 2
     capsys.readouterr()

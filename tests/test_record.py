@@ -60,7 +60,7 @@ def test_layout_values_and_padding():
     assert (small["match_row"].isel(head=1) == -1).all() and (small["match_row"].isel(row=slice(2, None)) == -1).all()
     assert np.allclose(rec.token_centres("down.attn1"), centres(2, 2, 16).numpy())
     assert rec.prompt == "a red chair" and rec.seed == 7 and len(rec.cameras) == 3
-    assert json.loads(ds.attrs["matching"])["threshold"] == 0.05 and rec.image_size == (32, 32)
+    assert json.loads(ds.attrs["matching"])["threshold"] == 0.05 and rec.image_size == (32, 32)  # exact: stored option
 
 
 def test_to_dataframe_is_tidy():
