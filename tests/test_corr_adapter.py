@@ -34,7 +34,7 @@ def pipe() -> CorrlabPipeline:
     model = MultiViewDiT(sample_size=16, patch_size=2, hidden_size=32, num_layers=4, num_heads=2, prompt_dim=8)
     with torch.no_grad():  # the DiT zero-initialises its output layers: randomise them so outputs depend on attention
         for p in model.parameters():
-            if p.ndim >= 1 and float(p.abs().max()) == 0.0:
+            if p.ndim >= 1 and float(p.abs().max()) == 0.0:  # exact: finds the literal zero initialisation
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
     return CorrlabPipeline(model.eval())
 
@@ -50,6 +50,8 @@ def test_eta_one_reproduces_plain_model_exactly(pipe):
     with corr_adapter(pipe, eta=1.0, threshold=0.0, active_steps=None, layers=["blocks.1.attn", "blocks.3.attn"]) as handle:
         same = generate(pipe)
     assert handle.stats["adapted_calls"] > 0 and handle.stats["kept"] == handle.stats["total"] > 0
+    # exact: same computation twice (eta = 1 writes x * 1 + 0 back, which IEEE arithmetic keeps bit for bit,
+    # so every later layer sees the plain model's tensors)
     assert torch.equal(same, plain)
 
 
@@ -58,7 +60,7 @@ def test_enabling_changes_output_and_disabling_restores_bit_identical(pipe):
     with corr_adapter(pipe, eta=0.1, threshold=0.0, active_steps=None):
         adapted = generate(pipe)
     assert not torch.equal(adapted, plain)
-    assert torch.equal(generate(pipe), plain)
+    assert torch.equal(generate(pipe), plain)  # exact: same computation twice (the plain model, restored)
 
 
 def test_restored_after_exception(pipe):
@@ -67,7 +69,7 @@ def test_restored_after_exception(pipe):
         with corr_adapter(pipe, eta=0.0, threshold=0.0):
             generate(pipe)
             raise RuntimeError("boom")
-    assert torch.equal(generate(pipe), plain)
+    assert torch.equal(generate(pipe), plain)  # exact: same computation twice (the plain model, restored)
 
 
 def test_handle_toggle_and_update_without_reloading(pipe):
@@ -77,6 +79,8 @@ def test_handle_toggle_and_update_without_reloading(pipe):
     handle.enable()
     first = generate(pipe)
     again = generate(pipe)  # a new generation restarts at step 0: same result
+    # exact below: same computation twice (the same adapted model twice; eta = 1 and disabled are the plain
+    # model, see test_eta_one_reproduces_plain_model_exactly)
     assert torch.equal(first, again) and not torch.equal(first, plain)
     handle.update(eta=1.0)
     assert torch.equal(generate(pipe), plain)
@@ -210,7 +214,8 @@ def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radi
     got, count = windowed_aggregation(q, k, v, index, kept, (3, 4), scale=scale, radius=radius, window=window,
                                       chunk_size=chunk)
     ref, ref_count = naive_aggregation(q, k, v, index, kept, (3, 4), scale, radius, window)
-    assert torch.equal(count, ref_count)
+    assert torch.equal(count, ref_count)  # exact: integer counts
+    # float64, different summation orders: a few ulps
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     # the fused output is the blend of the aggregation, on strided (non-contiguous) inputs too
     original = torch.randn(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
@@ -219,9 +224,10 @@ def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radi
                                 window=window, chunk_size=chunk)
     torch.testing.assert_close(fused, blend_aggregated(original, ref, ref_count, 0.3), rtol=1e-10, atol=1e-12)
     untouched = ref_count == 0
+    # exact: rows without a kept match are copied, never written
     assert untouched.any() and torch.equal(fused[untouched], original[untouched])
     exact = corr_adapted_output(original, q, k, v, index, kept, (3, 4), scale=scale, radius=radius, eta=1.0)
-    assert torch.equal(exact, original)
+    assert torch.equal(exact, original)  # exact: the documented eta = 1 guarantee (x * 1 + 0 == x in IEEE)
     # in place, also into a tensor whose rows are not contiguous (written through a copy)
     for target in (original.clone(), original.transpose(-1, -2).contiguous().transpose(-1, -2)):
         same = corr_adapted_output(target, q, k, v, index, kept, (3, 4), scale=scale, radius=radius, eta=0.3,

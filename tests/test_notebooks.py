@@ -77,7 +77,7 @@ def test_load_pipeline_falls_back_to_an_untrained_model_only_for_the_default(mon
     assert "UNTRAINED" in capsys.readouterr().out
     again = nbhelp.untrained_pipeline(seed=3)
     for (name, a), (_, b) in zip(pipe.model.state_dict().items(), again.model.state_dict().items()):
-        assert torch.equal(a, b), name  # seeded
+        assert torch.equal(a, b), name  # exact: same computation twice (same seed)
     assert pipe.model.blocks[0].ada[1].weight.abs().sum() > 0  # adaLN gates are not zero
     with pytest.raises(WeightsNotFoundError):
         nbhelp.load_pipeline("no-such-model-here")

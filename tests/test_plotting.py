@@ -77,6 +77,7 @@ def test_as_image_array_layout_and_errors():
     imgs = oriented_views(V=3, H=8, W=6)
     arr = P.as_image_array("images", imgs)
     assert arr.shape == (3, 8, 6, 3)
+    # exact: as_image_array only moves the input values (no arithmetic)
     assert tuple(arr[0, 0, 5]) == (1.0, 0.0, 0.0)  # top right red
     assert tuple(arr[0, 7, 5]) == (0.0, 0.0, 1.0)  # bottom right blue
     assert P.as_image_array("one", imgs[0]).shape == (1, 8, 6, 3)
@@ -106,12 +107,13 @@ def test_images_are_drawn_the_right_way_round():
 def test_draw_epipolar_line_clips_to_the_image():
     fig = Figure()
     ax = fig.add_subplot()
+    # the end points are computed (line / border intersections): compared up to float64 rounding
     assert P.draw_epipolar_line(ax, (0.0, 1.0, -5.0), width=20, height=10)  # y = 5
     xs, ys = ax.lines[-1].get_data()
-    assert sorted(xs) == [-0.5, 19.5] and list(ys) == [5.0, 5.0]
+    assert sorted(xs) == pytest.approx([-0.5, 19.5], abs=1e-12) and list(ys) == pytest.approx([5.0, 5.0], abs=1e-12)
     assert P.draw_epipolar_line(ax, (1.0, -1.0, 0.0), width=10, height=10)  # y = x: corner to corner
     xs, ys = ax.lines[-1].get_data()
-    assert sorted(xs) == [-0.5, 9.5] and sorted(ys) == [-0.5, 9.5]
+    assert sorted(xs) == pytest.approx([-0.5, 9.5], abs=1e-12) and sorted(ys) == pytest.approx([-0.5, 9.5], abs=1e-12)
     n = len(ax.lines)
     assert not P.draw_epipolar_line(ax, (0.0, 0.0, 1.0), 10, 10)  # degenerate
     assert not P.draw_epipolar_line(ax, (0.0, 1.0, -50.0), 10, 10)  # y = 50 misses the image
@@ -128,13 +130,14 @@ def test_correspondence_figure_marks_kept_and_rejected_matches():
                                   heatmaps={1: np.ones((4, 4)), 2: np.eye(4)}, epipolar={1: (0.0, 1.0, -3.0)})
     ax0, ax1, ax2 = fig.axes
     src = [l for l in ax0.lines if l.get_marker() == "*"]
-    assert len(src) == 1 and tuple(src[0].get_xydata()[0]) == (4.0, 4.0)
+    assert len(src) == 1 and tuple(src[0].get_xydata()[0]) == (4.0, 4.0)  # exact: the given point, drawn as is
     kept_pts = [l.get_xydata() for l in ax1.lines if l.get_marker() == "o"][0]
     rejected = [l.get_xydata() for l in ax1.lines if l.get_marker() == "x"][0]
-    assert kept_pts.tolist() == [[2.0, 3.0]] and rejected.tolist() == [[5.0, 5.0]]  # NaN row skipped
+    # exact: the given points, drawn as is (no arithmetic); the NaN row is skipped
+    assert kept_pts.tolist() == [[2.0, 3.0]] and rejected.tolist() == [[5.0, 5.0]]
     assert any(l.get_linestyle() == "--" for l in ax1.lines)  # the epipolar line
     assert len(ax1.images) == 2 and len(ax2.images) == 2  # view + heat map
-    assert ax1.get_ylim() == (15.5, -0.5)  # row 0 on top
+    assert ax1.get_ylim() == pytest.approx((15.5, -0.5), abs=1e-12)  # row 0 on top (limits computed from H)
     assert axes_overlap(fig) == []
 
 
@@ -160,7 +163,8 @@ def test_match_lines_figure_counts_and_colours():
     assert len(ax.lines) == 3  # the NaN match is not drawn
     colours = [l.get_color() for l in ax.lines]
     assert colours.count(P.KEPT_COLOUR) == 1 and colours.count(P.REJECTED_COLOUR) == 2
-    assert ax.lines[0].get_xdata()[1] == 2.0 + 12 + 1  # p1 drawn in the right image, after a 1 px gap
+    # p1 drawn in the right image, after a 1 px gap (a computed offset: float64 rounding tolerance)
+    assert ax.lines[0].get_xdata()[1] == pytest.approx(2.0 + 12 + 1, abs=1e-12)
     many = np.random.default_rng(0).uniform(0, 9, size=(500, 2))
     fig = P.match_lines_figure(a, b, many, many, max_lines=50)
     assert len(fig.axes[0].lines) == 50
@@ -178,7 +182,10 @@ def test_pca_rgb_is_joint_across_views():
     rgb = P.pca_rgb(feats)
     assert rgb.shape == (3, 4, 5, 3) and rgb.dtype == np.float32
     assert rgb.min() >= 0.0 and rgb.max() <= 1.0
-    np.testing.assert_array_equal(rgb[0], rgb[1])  # equal features, equal colours in both views
+    # Equal features, equal colours in both views. Views 0 and 1 are different rows of one float64 PCA, and
+    # BLAS may round rows differently (~1e-16); the result is then rounded once to float32, which can move
+    # a value in [0, 1] by at most one float32 ulp (<= 2^-24). atol = float32 eps (2^-23) covers both.
+    np.testing.assert_allclose(rgb[0], rgb[1], rtol=0, atol=np.finfo(np.float32).eps)
     assert not np.allclose(rgb[0], rgb[2])
     with pytest.raises(ShapeError, match="features"):
         P.pca_rgb(torch.zeros(4, 5, 16))
@@ -192,7 +199,7 @@ def test_pca_rgb_range_and_shape_property(V, h, C, seed):
     assert rgb.shape == (V, h, 3, 3)
     assert np.isfinite(rgb).all() and rgb.min() >= 0.0 and rgb.max() <= 1.0
     if C < 3:
-        assert np.all(rgb[..., C:] == 0)
+        assert np.all(rgb[..., C:] == 0)  # exact: missing components are never written (zeros by construction)
 
 
 @settings(max_examples=25, deadline=None)
@@ -297,7 +304,7 @@ def test_metric_comparison_figure_marks_missing_values():
     fig = P.metric_comparison_figure(table, title="consistency")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.texts] == ["n/a (no data)"]
-    assert ax.get_ylim() == (0.0, 1.05)
+    assert ax.get_ylim() == (0.0, 1.05)  # exact: the literal limits the figure sets
     with pytest.raises(CorrlabError, match="columns"):
         P.metric_comparison_figure(table.drop(columns="condition"))
 

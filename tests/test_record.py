@@ -42,7 +42,7 @@ def test_layout_values_and_padding():
     ds = rec.ds
     assert dict(ds.sizes) == {"layer": 2, "step": 2, "src": 3, "tgt": 3, "head": 2, "row": 4, "col": 4}
     assert rec.layers == ["blocks.0.attn", "down.attn1"] and rec.steps == [0, 3]
-    assert ds["timestep"].values.tolist() == [1.0, 0.25]
+    assert ds["timestep"].values.tolist() == [1.0, 0.25]  # exact: the stored input values
     assert rec.grid("down.attn1") == (2, 2) and int(ds["num_heads"].sel(layer="down.attn1")) == 1
     tgts, idx, conf = truth[("blocks.0.attn", 3, 1)]
     sel = ds.sel(layer="blocks.0.attn", step=3, src=1)
@@ -60,7 +60,7 @@ def test_layout_values_and_padding():
     assert (small["match_row"].isel(head=1) == -1).all() and (small["match_row"].isel(row=slice(2, None)) == -1).all()
     assert np.allclose(rec.token_centres("down.attn1"), centres(2, 2, 16).numpy())
     assert rec.prompt == "a red chair" and rec.seed == 7 and len(rec.cameras) == 3
-    assert json.loads(ds.attrs["matching"])["threshold"] == 0.05 and rec.image_size == (32, 32)
+    assert json.loads(ds.attrs["matching"])["threshold"] == 0.05 and rec.image_size == (32, 32)  # exact: stored option
 
 
 def test_to_dataframe_is_tidy():
@@ -79,9 +79,9 @@ def test_save_load_round_trip_is_lossless(tmp_path):
     path = rec.save(tmp_path / "sub" / "record.nc")
     assert [p.name for p in path.parent.iterdir()] == ["record.nc"]  # no temporary left behind
     back = ProbeRecord.load(path)
-    assert back.equals(rec)
+    assert back.equals(rec)  # exact: a lossless netCDF round trip (no arithmetic)
     assert back.ds["kept"].dtype == bool and back.ds["match_row"].dtype == np.int32
-    assert back.cameras[0].K.tolist() == rec.cameras[0].K.tolist()
+    assert back.cameras[0].K.tolist() == rec.cameras[0].K.tolist()  # exact: lossless round trip
     other, _ = make_record(seed=1)
     assert not back.equals(other)
 

@@ -54,6 +54,7 @@ def test_same_seed_same_bytes_different_seed_differs():
     a = render_scene(11, views=2, size=24, layout="train")
     b = render_scene(11, views=2, size=24, layout="train")
     c = render_scene(12, views=2, size=24, layout="train")
+    # exact: same computation twice (same seed)
     assert torch.equal(a.images, b.images)
     assert torch.equal(a.depth, b.depth)
     assert all(torch.equal(x.R, y.R) and torch.equal(x.t, y.t) for x, y in zip(a.cameras, b.cameras))
@@ -69,9 +70,9 @@ def test_prompts_are_vocabulary_words_consistent_with_the_spec():
         colour, pattern, shape = spec.prompt.split()
         assert (colour, pattern, shape) == (spec.colour, spec.pattern, spec.shape)
         assert colour in VOCABULARY["colour"] and pattern in VOCABULARY["pattern"] and shape in VOCABULARY["shape"]
-        assert spec.primary_rgb == PALETTE[colour]
+        assert spec.primary_rgb == PALETTE[colour]  # exact: the palette entry itself
         r, g, b = spec.secondary_rgb
-        assert r == g == b, "the secondary colour must be neutral"
+        assert r == g == b, "the secondary colour must be neutral"  # exact: one level, copied three times
         assert max(abs(p) for p in spec.position) <= 0.12 and 0.6 <= spec.size <= 0.9
         seen["colour"].add(colour), seen["pattern"].add(pattern), seen["shape"].add(shape)
     assert all(seen[k] == set(VOCABULARY[k]) for k in VOCABULARY), "60 seeds should cover the vocabulary"
@@ -79,7 +80,7 @@ def test_prompts_are_vocabulary_words_consistent_with_the_spec():
 
 def test_spec_dict_round_trip_and_validation():
     spec = sample_scene(4)
-    assert SceneSpec.from_dict(spec.to_dict()) == spec
+    assert SceneSpec.from_dict(spec.to_dict()) == spec  # exact: a round trip, no arithmetic
     with pytest.raises(CorrlabError, match="shape"):
         replace(spec, shape="torus")
     with pytest.raises(CorrlabError, match="size"):
@@ -138,7 +139,7 @@ def test_sphere_depth_at_the_image_centre_is_analytic(model, size):
             a, b, cc = float(d @ d), -6.0, 9.0 - 0.7**2
             want = (-b - math.sqrt(b * b - 4 * a * cc)) / (2 * a)
         assert float(mv.depth[0, y, x]) == pytest.approx(want, abs=1e-5)
-    assert float(mv.depth[0, 0, 0]) == math.inf and not bool(mv.masks[0, 0, 0])
+    assert float(mv.depth[0, 0, 0]) == math.inf and not bool(mv.masks[0, 0, 0])  # exact: the +inf background fill
 
 
 @pytest.mark.parametrize(
@@ -200,7 +201,7 @@ def test_even_layout_spacing_radius_elevation_and_principal_point():
     for c in cams:
         assert float(c.center.norm()) == pytest.approx(3.0)
         assert _elevation(c, (0, 0, 0)) == pytest.approx(25.0)
-        assert c.K[0, 2] == 31.5 and c.K[1, 2] == 31.5
+        assert float(c.K[0, 2]) == pytest.approx(31.5, abs=1e-12) and float(c.K[1, 2]) == pytest.approx(31.5, abs=1e-12)
         assert float(c.K[0, 0]) == pytest.approx(32 / math.tan(math.radians(25.0)))
         # the origin projects to the principal point
         pix, _ = c.project(torch.zeros(1, 3, dtype=torch.float64))

@@ -19,6 +19,7 @@ def rendered() -> MultiViewSet:
 
 
 def _cameras_equal(a, b) -> bool:
+    """Exact: cameras.json stores floats losslessly (repr), so a round trip involves no arithmetic."""
     return all(
         torch.equal(x.K, y.K) and torch.equal(x.R, y.R) and torch.equal(x.t, y.t) and x.model == y.model
         for x, y in zip(a, b)
@@ -44,7 +45,7 @@ def test_round_trip_images_cameras_depth_masks_meta(tmp_path, rendered):
     assert back.images.dtype == torch.float32 and back.images.shape == rendered.images.shape
     assert float((back.images - rendered.images).abs().max()) <= 0.5 / 255 + 1e-6
     assert _cameras_equal(back.cameras, rendered.cameras)
-    assert torch.equal(back.depth, rendered.depth)  # exact, +inf background included
+    assert torch.equal(back.depth, rendered.depth)  # exact: lossless .npy round trip, +inf background included
     assert torch.equal(back.masks, rendered.masks)
     assert (back.prompt, back.seed, back.meta) == (rendered.prompt, rendered.seed, rendered.meta)
     header = json.loads((out / "cameras.json").read_text())

@@ -181,9 +181,10 @@ def test_token_centres_follow_the_pixel_convention():
     c = layout.token_centres()
     assert c.dtype == torch.float64 and c.shape == (8, 2)
     # token (r=1, c=2): x = 2.5 * 8 - 0.5, y = 1.5 * 8 - 0.5
-    assert c[1 * 4 + 2].tolist() == [19.5, 11.5]
+    # computed centres: compared up to float64 rounding
+    assert c[1 * 4 + 2].tolist() == pytest.approx([19.5, 11.5], abs=1e-12)
     # an 8 px patch covers pixels 0..7: its centre is 3.5
-    assert c[0].tolist() == [3.5, 3.5]
+    assert c[0].tolist() == pytest.approx([3.5, 3.5], abs=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
@@ -227,7 +228,7 @@ def test_image_tokens_select_is_a_view_at_the_documented_positions(images_in):
     assert sel.shape == (B, V, heads, h * w, d)
     assert sel.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     for b, v, t in [(0, 0, 0), (1, 2, 5), (1, 1, 3)]:
-        assert torch.equal(sel[b, v, :, t], expect(b, v, t))
+        assert torch.equal(sel[b, v, :, t], expect(b, v, t))  # exact: a view of x, no arithmetic
     with pytest.raises(ShapeError, match="x"):
         tokens.select(torch.randn(B * V, heads, T + h * w + 1, d))
 
@@ -250,7 +251,7 @@ def test_observing_taps_leave_outputs_bit_identical_and_restore_everything(famil
         with AttentionTaps(s.model, None, lambda c: seen.append((c.layer, tuple(c.q.shape), c.layout))):
             tapped = run(s.model, s.inputs)
         again = run(s.model, s.inputs)
-    assert torch.equal(tapped, ref) and torch.equal(again, ref)
+    assert torch.equal(tapped, ref) and torch.equal(again, ref)  # exact: same computation twice (taps only read)
     names = [n.name for n in list_layers(s.model)]
     assert [layer for layer, _, _ in seen] == names  # every layer, in forward order, once
     for _, shape, layout in seen:
@@ -280,7 +281,7 @@ def test_everything_is_restored_after_an_exception(family):
             raise KeyError("outside")
     assert_clean(s.model, processors)
     with s.grouped():
-        assert torch.equal(run(s.model, s.inputs), ref)
+        assert torch.equal(run(s.model, s.inputs), ref)  # exact: same computation twice (model restored)
 
 
 def test_call_tensors_are_views_of_the_models_tensors():
@@ -351,7 +352,7 @@ def test_dit_layout_marker_arrives_at_its_image_and_token():
     ys, xs = torch.meshgrid(torch.arange(r * p, (r + 1) * p), torch.arange(c * p, (c + 1) * p), indexing="ij")
     pix = torch.stack([xs.flatten(), ys.flatten()], 1).double()
     assert set(layout.pixel_to_token(pix).tolist()) == {r * w + c}
-    assert layout.token_centres()[r * w + c].tolist() == [c * p + (p - 1) / 2, r * p + (p - 1) / 2]
+    assert layout.token_centres()[r * w + c].tolist() == pytest.approx([c * p + (p - 1) / 2, r * p + (p - 1) / 2], abs=1e-12)
 
 
 def test_wan_latent_frames_are_the_images():
@@ -419,7 +420,7 @@ def test_replacing_out_changes_the_output_and_identity_keeps_it(family):
             same = run(s.model, s.inputs)
         with AttentionTaps(s.model, None, lambda c: c.out * 0):
             zeroed = run(s.model, s.inputs)
-    assert torch.equal(same, ref)
+    assert torch.equal(same, ref)  # exact: same computation twice (the identity writes the layer's own output back)
     assert not torch.allclose(zeroed, ref, atol=1e-4)
 
 
@@ -437,6 +438,7 @@ def test_replacement_is_written_only_into_image_tokens():
     finally:
         handle.remove()
     (img0, txt0), (img1, txt1) = outs
+    # exact: same computation twice (the kernel is the same; only the image rows are overwritten afterwards)
     assert torch.equal(txt0, txt1)
     assert not torch.allclose(img0, img1)
 
@@ -456,7 +458,7 @@ def test_call_index_and_timestep_come_from_the_denoiser_forward():
     with AttentionTaps(s.model, ["blocks.1.attn"], lambda c: seen.append((c.call_index, c.timestep))):
         run(s.model, dit_inputs(t=0.75))
         run(s.model, dit_inputs(t=0.25))
-    assert seen == [(0, 0.75), (1, 0.25)]
+    assert seen == [(0, 0.75), (1, 0.25)]  # exact: the timesteps passed in, recorded as is
 
 
 def test_list_layers_is_stable_sorted_and_discoverable():
@@ -560,6 +562,7 @@ def test_extended_attention_with_one_image_reproduces_the_model(family):
     processors = dict(model.attn_processors)
     ref = run(model, inputs)
     with extended_attention(model, 1):
+        # exact: same computation twice (with one image per group the kernel gets the layer's own q, k, v)
         assert torch.equal(run(model, inputs), ref)
     assert_clean(model, processors)
 
@@ -571,14 +574,16 @@ def test_extended_attention_lets_images_influence_each_other(family):
     changed = dict(inputs, **{key: inputs[key].clone()})
     changed[key][1] += 1.0  # change image 1 only
     plain = run(model, inputs), run(model, changed)
-    assert torch.equal(plain[0][0], plain[1][0])  # sanity: without extension image 0 ignores image 1
+    # sanity: without extension image 0 ignores image 1. exact: same computation twice for batch entry 0
+    # (same shapes, same inputs in its rows; the other entry's values do not enter its arithmetic)
+    assert torch.equal(plain[0][0], plain[1][0])
     with extended_attention(model, 2) as handle:
         ext = run(model, inputs), run(model, changed)
     assert not torch.allclose(ext[0][0], ext[1][0], atol=1e-5)
     assert not torch.allclose(ext[0][0], plain[0][0], atol=1e-5)
     handle.remove()  # idempotent
     assert_clean(model)
-    assert torch.equal(run(model, inputs), plain[0])
+    assert torch.equal(run(model, inputs), plain[0])  # exact: same computation twice (model restored)
 
 
 def test_extended_unet_over_identical_images_equals_the_single_image_model():
@@ -613,7 +618,7 @@ def test_corrlab_pipeline_is_probed_through_its_model():
         seen = []
         with AttentionTaps(pipe, ["blocks.1.attn"], lambda c: seen.append((c.q.shape, c.layout, c.timestep))):
             out = pipe.velocity(*args, guidance_scale=2.0)
-    assert torch.equal(out, ref)
+    assert torch.equal(out, ref)  # exact: same computation twice (taps only read)
     assert seen == [(torch.Size([2, 3, 2, 12, 16]), TokenLayout(3, (4, 3), (16, 12)), 0.5)]  # CFG batch of 2
 
 
@@ -646,6 +651,7 @@ def test_taps_entered_before_extended_attention_still_see_per_image_tensors():
         first = run(s.model, s.inputs)
     with AttentionTaps(s.model, None, record("taps first")), extended_attention(s.model, 2):
         second = run(s.model, s.inputs)
+    # exact: same computation twice (the nesting order changes which wrapper is outermost, not the kernel calls)
     assert torch.equal(first, second)
     for (la, qa, oa), (lb, qb, ob) in zip(seen["extended first"], seen["taps first"], strict=True):
         assert la == lb and la.num_images == 2
