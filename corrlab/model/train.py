@@ -255,6 +255,7 @@ class Trainer:
         )
         self.step = 0
         self.wall = 0.0
+        self.cpu = 0.0  # CPU seconds of this process spent in training steps (all threads), over all resumes
         self.eval_fn = eval_fn
 
     # ------------------------------------------------------------ checkpoints
@@ -270,7 +271,7 @@ class Trainer:
         self.model.save_pretrained(tmp / "model", safe_serialization=True)
         self.ema.save_pretrained(tmp / "ema", safe_serialization=True)
         torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "wall_s": self.wall}))
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "wall_s": self.wall, "cpu_s": self.cpu}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -290,6 +291,7 @@ class Trainer:
         self.opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location=self.device))
         state = json.loads((ck / "state.json").read_text())
         self.step, self.wall = int(state["step"]), float(state["wall_s"])
+        self.cpu = float(state.get("cpu_s", 0.0))
         return True
 
     # ------------------------------------------------------------ training
@@ -343,10 +345,11 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True)
         window, t_last, n_sets = [], time.time(), 0
         while self.step < total:
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             V, seeds = step_plan(cfg, self.step)
             loss = self.train_step()
             self.wall += time.time() - t0
+            self.cpu += time.process_time() - c0
             window.append(loss)
             n_sets += len(seeds)
             bar.update(1)
@@ -354,7 +357,8 @@ class Trainer:
                 now = time.time()
                 rec = {
                     "step": self.step, "loss": float(np.mean(window)), "lr": self.lr_at(self.step - 1),
-                    "wall_s": round(self.wall, 2), "sets_per_s": round(n_sets / max(now - t_last, 1e-9), 3),
+                    "wall_s": round(self.wall, 2), "cpu_s": round(self.cpu, 1),
+                    "sets_per_s": round(n_sets / max(now - t_last, 1e-9), 3),
                 }
                 _atomic_json_line(log, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -368,7 +372,8 @@ class Trainer:
                     rec = self.eval_fn(self.ema, cfg)
                 except Exception as e:  # the tracking figure must never kill a long run
                     rec = {"error": repr(e)}
-                _atomic_json_line(self.out / "eval.jsonl", {"step": self.step, "wall_s": round(self.wall, 2), **rec})
+                _atomic_json_line(self.out / "eval.jsonl",
+                                  {"step": self.step, "wall_s": round(self.wall, 2), "cpu_s": round(self.cpu, 1), **rec})
         bar.close()
 
 
