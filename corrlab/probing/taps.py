@@ -52,7 +52,8 @@ __all__ = [
 class AttentionCall:
     """One call of one multi-image attention layer (tensors are views into the model's own).
 
-    ``q``, ``k``, ``v``, ``out``: ``(B, V, heads, h*w, d)`` image tokens only; ``scale``: the softmax scale
+    ``q``, ``k``, ``v``, ``out``: ``(B, V, heads, h*w, d)`` image tokens only (views of the kernel's tensors;
+    copies for row-wise layouts, whose rows sit in separate kernel entries); ``scale``: the softmax scale
     the kernel applies; ``call_index``: how many denoiser forward calls happened before this one inside
     the taps context; ``timestep``: the denoiser's ``timestep`` argument as a float (None when absent or
     when its entries differ).
@@ -158,19 +159,24 @@ class _Tap:
                 f"layers: {self.entry.name!r} ran outside a forward call of its denoiser "
                 f"({type(self.watch.denoiser.module).__name__}); call the denoiser (or pipeline), not the layer"
             )
-        if k.shape[:3] != q.shape[:3] or v.shape[:3] != q.shape[:3]:
+        if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
             raise ShapeError(
                 f"layers: {self.entry.name!r} is not a self-attention kernel call: q {describe(q)}, k {describe(k)}, "
                 f"v {describe(v)}"
             )
         tokens: ImageTokens = self.entry.family.image_tokens(
-            state.layout, q, call.group_size, self.image_scale, self.entry.kind
+            state.layout, q, call.group_size, self.image_scale, self.entry.kind, k
         )
+        if k.shape[2] != q.shape[2] and tokens.images_in != "rows":
+            raise ShapeError(
+                f"layers: {self.entry.name!r} is not a self-attention kernel call: q {describe(q)}, k {describe(k)}, "
+                f"v {describe(v)}"
+            )
         record = AttentionCall(
             layer=self.entry.name,
             q=tokens.select(q),
-            k=tokens.select(k),
-            v=tokens.select(v),
+            k=tokens.select_keys(k),
+            v=tokens.select_keys(v),
             out=tokens.select(out),
             scale=call.softmax_scale(q.shape[-1]),
             layout=tokens.layout,
@@ -188,7 +194,7 @@ class _Tap:
                 f"{self.entry.name!r}, got {describe(replacement)}"
             )
         new_out = out.clone()
-        tokens.select(new_out).copy_(replacement)
+        tokens.scatter(new_out, replacement)
         return new_out
 
     def check_kernel_called(self, calls: int) -> None:
