@@ -91,13 +91,13 @@ def test_handle_toggle_and_update_without_reloading(pipe):
 
 def test_refresh_interval_reuses_matches(pipe, monkeypatch):
     calls = []
-    real = ca.match_views
+    real = ca.match_layout
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ca, "match_views", counting)
+    monkeypatch.setattr(ca, "match_layout", counting)
     with corr_adapter(pipe, layers=["blocks.2.attn"], refresh_every=3, active_steps=None) as handle:
         generate(pipe, steps=7, guidance=2.0)  # CFG: batch of 2
     # steps 0, 3, 6 refresh; each refresh matches every (batch entry, source image): 2 x 3
