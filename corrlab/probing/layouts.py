@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CorrlabError, ShapeError, ValueRangeError, check_shape, describe
 
-__all__ = ["TokenLayout", "ImageTokens", "grid_from_token_count"]
+__all__ = ["TokenLayout", "ImageTokens", "grid_from_token_count", "Family", "register_family", "unregister_family"]
 
 
 def _positive_pair(name: str, value) -> tuple[int, int]:
@@ -249,9 +249,16 @@ def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 
 class Family:
-    """Base: a denoiser family. Subclasses define the layers and the per-call image-token placement."""
+    """Base: a denoiser family. Subclasses define the layers and the per-call image-token placement.
+
+    This is also the extension point for models corrlab does not know (see :mod:`corrlab.probing.custom`):
+    subclass it, implement :meth:`matches`, :meth:`layers`, :meth:`read_forward` and :meth:`image_tokens`,
+    and :func:`register_family` an instance. ``timestep_argument`` names the denoiser forward's timestep
+    argument (``"timestep"``; ldm UNets call it ``"timesteps"``).
+    """
 
     name = "family"
+    timestep_argument = "timestep"
 
     def matches(self, model: Any) -> bool:
         raise NotImplementedError
@@ -494,6 +501,24 @@ class FluxFamily(Family):
 
 
 FAMILIES: list[Family] = [EmbeddedFamily(), WanFamily(), UNetFamily(), FluxFamily()]
+
+
+def register_family(family: Family) -> Family:
+    """Make corrlab find a new kind of denoiser (checked before the built-in families); returns it.
+
+    Undo with :func:`unregister_family`. See :mod:`corrlab.probing.custom` for a worked example.
+    """
+    if not isinstance(family, Family):
+        raise CorrlabError(f"family: expected an instance of a corrlab.probing.layouts.Family subclass, got {describe(family)}")
+    if family not in FAMILIES:
+        FAMILIES.insert(0, family)
+    return family
+
+
+def unregister_family(family: Family) -> None:
+    """Remove a family added with :func:`register_family` (a no-op if it is not registered)."""
+    if family in FAMILIES:
+        FAMILIES.remove(family)
 
 
 @dataclass(frozen=True)

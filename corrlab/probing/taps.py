@@ -81,10 +81,19 @@ class LayerInfo:
     head_dim: int
 
 
+def _num_heads(module: Any) -> int:
+    spec = interception.projection_spec(module)
+    return spec.num_heads(module) if spec is not None else int(module.heads)
+
+
 def _head_dim(module: Any) -> int:
     d = getattr(module, "head_dim", None)
     if isinstance(d, int):
         return d
+    spec = interception.projection_spec(module)
+    if spec is not None:
+        q = interception._submodule(module, spec.q)
+        return int(getattr(q, "out_features")) // spec.num_heads(module)
     return int(module.inner_dim // module.heads)
 
 
@@ -131,7 +140,8 @@ class _DenoiserWatch:
         except TypeError as e:
             raise CorrlabError(f"{type(module).__name__}.forward: arguments do not match its signature ({e})") from None
         layout = self.denoiser.family.read_forward(module, arguments)
-        self.current = _ForwardState(layout, self.counter.calls, _timestep_value(arguments.get("timestep")))
+        t = arguments.get(getattr(self.denoiser.family, "timestep_argument", "timestep"))
+        self.current = _ForwardState(layout, self.counter.calls, _timestep_value(t))
         self.counter.calls += 1
 
     def _after(self, module, args, output):
@@ -315,6 +325,6 @@ def list_layers(model_or_pipeline: Any, sample_inputs: Any = None) -> list[Layer
                 )
         grids.update({n: seen.get(n) for n in names})
     return [
-        LayerInfo(e.name, e.kind, grids[e.name], int(e.module.heads), _head_dim(e.module))
+        LayerInfo(e.name, e.kind, grids[e.name], _num_heads(e.module), _head_dim(e.module))
         for e in entries
     ]
