@@ -416,3 +416,37 @@ def test_unregistered_module_is_not_a_layer_and_bad_specs_raise():
     finally:
         unregister_family(family)
         unregister_attention_module(CrossAttention)
+
+
+# =============================================================================== epipolar scoring of row-wise layers
+def row_wise_record(num_images: int = 3):
+    from corrlab.probing import ProbeRecord, RecordBuilder
+
+    builder = RecordBuilder({"similarity": "softmax"}, batch_index=0)
+    layout = TokenLayout(num_images, (4, 4), (64, 64), row_wise=True)
+    builder.add_layer("rows", layout.grid, 1, layout.token_centres(), layout.image_size, row_wise=True)
+    for i in range(num_images):
+        tgts = [j for j in range(num_images) if j != i]
+        index = torch.arange(16).repeat(1, len(tgts), 1)
+        builder.add("rows", 0, 1.0, i, tgts, index, torch.ones(index.shape), torch.ones(index.shape, dtype=torch.bool),
+                    num_images)
+    return ProbeRecord(builder=builder)
+
+
+def test_scoring_a_row_wise_layer_knows_the_row_constraint():
+    import warnings
+
+    from corrlab.probing.scoring import RowConstraintWarning, _rows_are_epipolar, score_record
+    from corrlab.scenes.cameras import orbit_camera
+
+    ortho = [orbit_camera(a, 0.0, 2.0, 64, model="orthographic") for a in (0, 45, 90)]
+    persp = [orbit_camera(a, 0.0, 2.0, 64) for a in (0, 45, 90)]
+    elevated = [orbit_camera(a, 20.0, 2.0, 64, model="orthographic") for a in (0, 45, 90)]
+    assert _rows_are_epipolar(ortho) and not _rows_are_epipolar(persp) and not _rows_are_epipolar(elevated)
+    rec = row_wise_record()
+    with pytest.warns(RowConstraintWarning, match="orthographic views at elevation 0"):
+        df = score_record(rec, cameras=persp)
+    assert df.attrs["row_wise_layers"] == ["rows"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RowConstraintWarning)
+        score_record(rec, cameras=ortho)

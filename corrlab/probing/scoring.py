@@ -224,11 +224,14 @@ def _rows_are_epipolar(cameras, tol_deg: float = 1.0) -> bool:
     Perspective views at elevation 0 fail: there only the horizon row is an epipolar line."""
     try:
         Rs = [np.asarray(c.R, dtype=np.float64) for c in cameras]
-    except AttributeError:
+        rows = [(float(c.K[1, 1]), float(c.K[1, 2]), float(c.t[1])) for c in cameras]  # y = fy (R[1].X + t_y) + cy
+    except (AttributeError, TypeError, IndexError):
         return False
     up = Rs[0][1]  # the first camera's image "down" axis in world coordinates
-    for R in Rs:
-        if abs(float(np.dot(R[2], up))) > np.sin(np.radians(tol_deg)) or abs(abs(float(np.dot(R[1], up))) - 1) > 1e-3:
+    for R, row in zip(Rs, rows):
+        if abs(float(np.dot(R[2], up))) > np.sin(np.radians(tol_deg)) or float(np.dot(R[1], up)) < 1 - 1e-3:
+            return False
+        if not np.allclose(row, rows[0], rtol=1e-6, atol=1e-6):
             return False
     return all(getattr(c, "model", "perspective") == "orthographic" for c in cameras)
 
