@@ -27,7 +27,18 @@ a single timestep count one step per forward call: call :meth:`CorrAdapterHandle
 generations there.
 
 Batches: every batch entry is adapted with its own matches, so under classifier-free guidance both the
-conditional and the unconditional halves are (the pipelines batch them in one call).
+conditional and the unconditional halves are (the pipelines batch them in one call); the SyncDreamer
+preset shares one cache between them instead (``shared_guidance_cache``, a release quirk).
+
+Released settings: :meth:`CorrAdapterConfig.preset` (``"syncdreamer"``, ``"mvadapter"``) reproduces each
+released integration exactly (methods.md section 6; golden tests against loop references in
+``tests/test_corr_adapter_release.py``); every point where they differ is an option of
+:class:`CorrAdapterConfig`. When the adapter acts by default (steps, refresh) is :func:`paper_schedule`;
+where (layers) is :func:`default_adapter_layers`.
+
+Layouts: images in one sequence, images as batch entries, and row-wise multi-view attention (MV-Adapter:
+``TokenLayout.row_wise``, matching per row and a 1-D row window); attention modules outside diffusers
+are adapted once registered (:mod:`corrlab.probing.custom`).
 
 Memory beyond the kernel's own: the matcher's blocks (``chunk_size`` source tokens x one image's tokens x
 heads x other images), the aggregation's blocks (``chunk_size`` kept matches x window x head size, for
