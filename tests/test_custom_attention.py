@@ -14,7 +14,6 @@ to any roll; q = k = G * LayerNorm(h) at the matched layer then makes the true p
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 
 import corrlab
 from corrlab.errors import CorrlabError, ShapeError
-from corrlab.interventions import CorrAdapterConfig, CorrAdapterHandle, corr_adapter, default_adapter_layers
+from corrlab.interventions import CorrAdapterConfig, corr_adapter, default_adapter_layers
 from corrlab.probing import AttentionTaps, TokenLayout, list_layers
 from corrlab.probing.custom import Family, ImageTokens, register_attention_module, register_family
 from corrlab.probing.custom import unregister_attention_module, unregister_family

@@ -58,7 +58,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import CorrlabError, ShapeError, ValueRangeError, check_choice, describe
-from ..probing.matcher import HistoryMax, match_layout, match_views, window_offsets
+from ..probing.matcher import HistoryMax, match_layout, window_offsets
 from ..probing.taps import AttentionCall, AttentionTaps, list_layers
 
 __all__ = [
