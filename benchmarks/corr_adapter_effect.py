@@ -138,8 +138,9 @@ def sweep_configs(args) -> dict[str, dict]:
         for r in (1, 5):
             configs[f"r={r}"] = {"radius": r}
         configs["active=all"] = {"active_steps": None}
-        configs[f"active={max(1, (d.active_steps or args.steps) // 2)}"] = {
-            "active_steps": max(1, (d.active_steps or args.steps) // 2)}
+        default_active = d.schedule()[0]  # "auto" resolved by the paper's rule (text-to-multi-view: 10)
+        configs[f"active={max(1, (default_active or args.steps) // 2)}"] = {
+            "active_steps": max(1, (default_active or args.steps) // 2)}
         configs["refresh=1"] = {"refresh_every": 1}
         configs["layers=half"] = {"layers": HALF}
         # the strongest setting: every match kept, aggregate replaces attention, every step, later half

@@ -95,13 +95,13 @@ def test_handle_toggle_and_update_without_reloading(pipe):
 
 def test_refresh_interval_reuses_matches(pipe, monkeypatch):
     calls = []
-    real = ca.match_views
+    real = ca.match_layout
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ca, "match_views", counting)
+    monkeypatch.setattr(ca, "match_layout", counting)
     with corr_adapter(pipe, layers=["blocks.2.attn"], refresh_every=3, active_steps=None) as handle:
         generate(pipe, steps=7, guidance=2.0)  # CFG: batch of 2
     # steps 0, 3, 6 refresh; each refresh matches every (batch entry, source image): 2 x 3
@@ -136,6 +136,63 @@ def test_default_layer_is_the_last_when_all_share_one_grid(pipe):
     assert CorrAdapterHandle(pipe).layers == ["blocks.3.attn"]
 
 
+def test_paper_schedule_is_the_one_rule_and_auto_resolves_through_it():
+    from corrlab.interventions import paper_schedule
+
+    assert paper_schedule() == (10, 5)
+    assert paper_schedule(video=True) == (15, 5)
+    assert paper_schedule(image_conditioned=True) == (None, 5)
+    assert paper_schedule(image_conditioned=True, row_wise=True) == (None, 1)
+    cfg = CorrAdapterConfig()
+    assert (cfg.active_steps, cfg.refresh_every) == ("auto", "auto")
+    assert cfg.schedule() == (10, 5) and cfg.schedule(row_wise=True, video=True) == (15, 1)
+    assert CorrAdapterConfig(image_conditioned=True).schedule() == (None, 5)
+    assert CorrAdapterConfig(active_steps=3, refresh_every=2, image_conditioned=True).schedule(row_wise=True) == (3, 2)
+    assert CorrAdapterConfig(video=False).schedule(video=True) == (10, 5)  # the config overrides the model
+
+
+def test_presets_set_every_release_point_and_the_default_stays_clean():
+    clean = CorrAdapterConfig()
+    assert (clean.strict_threshold, clean.history_for_aggregation, clean.shared_guidance_cache,
+            clean.refresh_last_step, clean.window_border, clean.unmatched) == (False, False, False, False, "mask", "original")
+    sync = CorrAdapterConfig.preset("syncdreamer")
+    assert (sync.similarity, sync.confidence, sync.history_max, sync.history_length, sync.history_for_aggregation,
+            sync.shared_guidance_cache, sync.refresh_last_step, sync.num_steps, sync.active_steps) == (
+        "dual_softmax", "window", True, 11, True, True, True, 50, None)
+    mva = CorrAdapterConfig.preset("mvadapter", eta=0.5)
+    assert (mva.strict_threshold, mva.window, mva.window_border, mva.unmatched, mva.refresh_every, mva.eta) == (
+        True, "row", "clamp", "scaled", 1, 0.5)
+    assert CorrAdapterConfig.preset_names() == ("syncdreamer", "mvadapter")
+    with pytest.raises(CorrlabError, match="name"):
+        CorrAdapterConfig.preset("mvdream")
+    with pytest.raises(CorrlabError, match="num_steps"):
+        CorrAdapterConfig(refresh_last_step=True)
+    with pytest.raises(CorrlabError, match="history_for_aggregation"):
+        CorrAdapterConfig(history_for_aggregation=True)
+    with pytest.raises(CorrlabError, match="window_border"):
+        CorrAdapterConfig(window_border="wrap")
+    with pytest.raises(ValueRangeError, match="refresh_every"):
+        CorrAdapterConfig(refresh_every=0)
+
+
+def test_guidance_branches_called_separately_keep_their_own_cache():
+    """A step with two denoiser calls (true-CFG pipelines): with per-entry caches, the second call between
+    refreshes reuses its own matches, not the first call's."""
+    g = torch.Generator().manual_seed(0)
+    layout = TokenLayout(2, (3, 3), (12, 12))
+    qs = [torch.randn(1, 2, 1, 9, 4, generator=g) * 3 for _ in range(2)]  # the two branches differ
+    adapter = CorrAdapter(CorrAdapterConfig(eta=0.0, threshold=0.0, active_steps=None, refresh_every=2))
+    outs = {}
+    for step in range(2):
+        for branch in range(2):
+            q = qs[branch]
+            call = AttentionCall("l", q, q, q, torch.zeros_like(q), 0.5, layout, 2 * step + branch, 10.0 - step)
+            outs[step, branch] = adapter(call).clone()
+    assert adapter.stats["matcher_refreshes"] == 2  # step 0, both branches
+    assert torch.equal(outs[0, 0], outs[1, 0]) and torch.equal(outs[0, 1], outs[1, 1])
+    assert not torch.equal(outs[1, 0], outs[1, 1])
+
+
 def test_bad_parameters_raise(pipe):
     with pytest.raises(ValueRangeError, match="eta"):
         CorrAdapterConfig(eta=1.5)
@@ -168,6 +225,15 @@ def test_cli_options_build_the_handle(pipe):
     assert generate_command._corr_adapter(parser.parse_args(base), pipe) is None
     with pytest.raises(CorrlabError, match="--eta"):
         generate_command._corr_adapter(parser.parse_args(base + ["--eta", "0.5"]), pipe)
+    with pytest.raises(CorrlabError, match="--preset"):
+        generate_command._corr_adapter(parser.parse_args(base + ["--preset", "mvadapter"]), pipe)
+    sync = generate_command._corr_adapter(parser.parse_args(base + ["--corr-adapter", "--preset", "syncdreamer",
+                                                                    "--steps", "7", "--eta", "0.3"]), pipe)
+    assert sync.config == CorrAdapterConfig.preset("syncdreamer", num_steps=7, eta=0.3)
+    mva = generate_command._corr_adapter(parser.parse_args(base + ["--corr-adapter", "--preset", "mvadapter"]), pipe)
+    assert mva.config == CorrAdapterConfig.preset("mvadapter")
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--corr-adapter", "--preset", "nope"])
 
 
 # --------------------------------------------------------------------------------- the aggregation itself

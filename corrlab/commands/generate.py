@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     ca.add_argument("--radius", type=int, help="aggregation window radius r (default 3)")
     ca.add_argument("--active-steps", type=int, help="adapt only the first K steps (default 10; 0 = every step)")
     ca.add_argument("--refresh", type=int, help="recompute correspondences every N steps (default 5)")
+    ca.add_argument("--preset", choices=("syncdreamer", "mvadapter"),
+                    help="start from a released integration's exact settings (README: reproducing the released "
+                    "settings); the options above override it")
     p.set_defaults(func=run)
 
 
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
             **({"reference": reference} if reference else {}),
         )
     if adapter is not None:
-        mvs.meta["corr_adapter"] = {**dataclasses.asdict(adapter.config), "layers": adapter.layers}
+        mvs.meta["corr_adapter"] = {**dataclasses.asdict(adapter.config), "layers": adapter.layers,
+                                    "preset": getattr(args, "preset", None)}
     out = save_set(mvs, args.out)
     print(out)
     return 0
@@ -132,16 +136,23 @@ def _corr_adapter(args: argparse.Namespace, pipe):
     """A disabled CorrAdapterHandle from the --corr-adapter options (None without --corr-adapter)."""
     from ..errors import CorrlabError
 
-    given = {k: getattr(args, k, None) for k in ("eta", "radius", "active_steps", "refresh")}
+    given = {k: getattr(args, k, None) for k in ("eta", "radius", "active_steps", "refresh", "preset")}
     if not getattr(args, "corr_adapter", False):
         used = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
         if used:
             raise CorrlabError(f"{', '.join(used)}: expected together with --corr-adapter, got them without it")
         return None
-    from ..interventions import CorrAdapterHandle
+    from ..interventions import CorrAdapterConfig, CorrAdapterHandle
 
     params = {k: v for k, v in (("eta", args.eta), ("radius", args.radius), ("refresh_every", args.refresh)) if v is not None}
     if args.active_steps is not None:
         params["active_steps"] = None if args.active_steps == 0 else args.active_steps
-    return CorrAdapterHandle(pipe, **params)
+    preset = getattr(args, "preset", None)
+    if preset is None:
+        return CorrAdapterHandle(pipe, **params)
+    from ..model import DEFAULT_STEPS
+
+    steps = getattr(args, "steps", None) or DEFAULT_STEPS  # the last-step refresh needs the generation's length
+    config = CorrAdapterConfig.preset(preset, **({"num_steps": steps} if preset == "syncdreamer" else {}), **params)
+    return CorrAdapterHandle(pipe, config)
 

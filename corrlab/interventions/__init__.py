@@ -67,7 +67,9 @@ from .corr_adapter import (  # noqa: E402
     corr_adapted_output,
     corr_adapter,
     default_adapter_layers,
+    is_decoder_layer,
     other_images,
+    paper_schedule,
     window_token_indices,
     windowed_aggregation,
 )
@@ -80,7 +82,9 @@ __all__ += [
     "corr_adapted_output",
     "corr_adapter",
     "default_adapter_layers",
+    "is_decoder_layer",
     "other_images",
+    "paper_schedule",
     "window_token_indices",
     "windowed_aggregation",
 ]

@@ -27,7 +27,18 @@ a single timestep count one step per forward call: call :meth:`CorrAdapterHandle
 generations there.
 
 Batches: every batch entry is adapted with its own matches, so under classifier-free guidance both the
-conditional and the unconditional halves are (the pipelines batch them in one call).
+conditional and the unconditional halves are (the pipelines batch them in one call); the SyncDreamer
+preset shares one cache between them instead (``shared_guidance_cache``, a release quirk).
+
+Released settings: :meth:`CorrAdapterConfig.preset` (``"syncdreamer"``, ``"mvadapter"``) reproduces each
+released integration exactly (methods.md section 6; golden tests against loop references in
+``tests/test_corr_adapter_release.py``); every point where they differ is an option of
+:class:`CorrAdapterConfig`. When the adapter acts by default (steps, refresh) is :func:`paper_schedule`;
+where (layers) is :func:`default_adapter_layers`.
+
+Layouts: images in one sequence, images as batch entries, and row-wise multi-view attention (MV-Adapter:
+``TokenLayout.row_wise``, matching per row and a 1-D row window); attention modules outside diffusers
+are adapted once registered (:mod:`corrlab.probing.custom`).
 
 Memory beyond the kernel's own: the matcher's blocks (``chunk_size`` source tokens x one image's tokens x
 heads x other images), the aggregation's blocks (``chunk_size`` kept matches x window x head size, for
@@ -47,7 +58,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import CorrlabError, ShapeError, ValueRangeError, check_choice, describe
-from ..probing.matcher import HistoryMax, match_views, window_offsets
+from ..probing.matcher import HistoryMax, match_layout, window_offsets
 from ..probing.taps import AttentionCall, AttentionTaps, list_layers
 
 __all__ = [
@@ -56,6 +67,8 @@ __all__ = [
     "CorrAdapterHandle",
     "corr_adapter",
     "default_adapter_layers",
+    "is_decoder_layer",
+    "paper_schedule",
     "window_token_indices",
     "windowed_aggregation",
     "blend_aggregated",
@@ -64,38 +77,105 @@ __all__ = [
 ]
 
 
+def paper_schedule(*, image_conditioned: bool = False, video: bool = False, row_wise: bool = False) -> tuple[int | None, int]:
+    """When CorrAdapter acts, by the paper's rule: ``(active_steps, refresh_every)``.
+
+    This is the one place the rule lives (``active_steps="auto"`` and ``refresh_every="auto"`` in
+    :class:`CorrAdapterConfig` resolve through it):
+
+    * **active steps**: every step (``None``) when reference images condition the generation
+      (image-to-multi-view: both released integrations, SyncDreamer and MV-Adapter, run all 50 steps);
+      when only text conditions it, the first 10 steps for multi-view generation and the first 15 for
+      video, to keep the diversity of the early layout (paper, text-to-multi-view and video settings).
+      corrlab's embedded pipeline is text-conditioned (``image_conditioned=False``, the default); a caller
+      that conditions on reference images passes ``image_conditioned=True``.
+    * **refresh**: matches are recomputed every call on row-wise layouts (MV-Adapter release: the row
+      softmax is cheap and there is no cache) and every 5 steps otherwise (the released "about every 5
+      steps", SyncDreamer).
+
+    Where: the layers default to :func:`default_adapter_layers` (finest decoder level).
+    """
+    active = None if image_conditioned else (15 if video else 10)
+    return active, (1 if row_wise else 5)
+
+
+_PRESETS: dict[str, dict] = {
+    "syncdreamer": dict(
+        eta=0.1, radius=3, threshold=0.05, confidence="window", similarity="dual_softmax", heads="per_head",
+        mutual=False, strict_threshold=False, active_steps=None, refresh_every=5, refresh_last_step=True,
+        num_steps=50, history_max=True, history_length=11, history_for_aggregation=True,
+        shared_guidance_cache=True, window="square", window_border="mask", unmatched="original",
+        image_conditioned=True,
+    ),
+    "mvadapter": dict(
+        eta=0.1, radius=3, threshold=0.05, confidence="global", similarity="softmax", heads="per_head",
+        mutual=False, strict_threshold=True, active_steps=None, refresh_every=1, refresh_last_step=False,
+        history_max=False, history_for_aggregation=False, shared_guidance_cache=False, window="row",
+        window_border="clamp", unmatched="scaled", image_conditioned=True,
+    ),
+}
+
+
 @dataclass(frozen=True)
 class CorrAdapterConfig:
     """Parameters of CorrAdapter (validated on construction; change them with :meth:`CorrAdapterHandle.update`).
 
+    The defaults are corrlab's clean reading of the paper (methods.md section 2).
+    :meth:`preset` gives the exact settings of a released integration (methods.md section 6), including the
+    release quirks marked "(quirk)" below, which look like bugs and are off by default.
+
     Attributes:
         eta: weight of the original attention output, ``out = eta * original + (1 - eta) * aggregated``
             (default 0.1, the released code's value; 1 = adapter off, the paper uses 0.8 for text-to-multi-view).
-        radius: r of the ``(2r+1) x (2r+1)`` aggregation window (default 3, the paper's).
+        radius: r of the ``(2r+1) x (2r+1)`` aggregation window (2r+1 tokens for row windows) and of the
+            window confidence (default 3, the paper's).
         threshold: keep a match when its confidence is ``>= threshold`` (default 0.05, the paper's).
-        confidence: ``"global"`` (default, max softmax probability) or ``"window"`` (probability of the
-            window centre in a softmax over the ``(2r+1)^2`` window, with the same r); see the matcher.
-        similarity: ``"softmax"`` (default) or ``"dual_softmax"``.
+        strict_threshold: keep only when ``confidence > threshold`` (MVAdapter release; default False: ``>=``,
+            SyncDreamer release).
+        confidence: ``"global"`` (default, max softmax probability; MVAdapter release) or ``"window"``
+            (probability of the match in a softmax over the ``(2r+1)^2`` similarities around it, outside-image
+            entries masked; SyncDreamer release); see the matcher.
+        similarity: ``"softmax"`` (default; MVAdapter) or ``"dual_softmax"`` (SyncDreamer: row softmax x column
+            softmax over all source tokens).
         heads: ``"per_head"`` (default, both releases: every head matches and aggregates on its own) or
             ``"mean"`` (one match from head-averaged similarities, used by every head).
         mutual: keep only mutual nearest neighbours (default False, as in both releases).
-        layers: names of the layers to adapt; None (default) = :func:`default_adapter_layers`: the
-            multi-image layers at the highest token resolution (a UNet's highest-resolution level), and where
-            every layer shares one grid (the embedded model, Wan, Flux) the last of them (``blocks.5.attn`` of
-            the 6-block embedded model: the paper injects into "the" highest-resolution multi-image block,
-            the last layer holds the embedded model's best native correspondences, and one layer keeps the
-            cost within 1.10x).
-        active_steps: adapt only the first K steps (default 10, the paper's choice for text-to-multi-view,
-            which the embedded model is: half of its default 20 steps; None = every step, the paper's choice
-            for image-conditioned generation).
-        refresh_every: recompute the matches every n active steps and reuse them in between (default 5,
-            the released code's "about every 5 steps"; 1 = every step).
+        layers: names of the layers to adapt; None (default) = :func:`default_adapter_layers`: the finest-level
+            multi-image layers of the decoder (a UNet's ``up_blocks`` at the highest resolution: SyncDreamer's
+            output blocks 9-11, MV-Adapter's ``up_blocks.1``), and where every layer shares one grid
+            (the embedded model, Wan, Flux) the last of them (``blocks.5.attn`` of the 6-block embedded model).
+        active_steps: adapt only the first K steps; None = every step; ``"auto"`` (default) = the paper's rule,
+            :func:`paper_schedule` (every step when image-conditioned, else 10, or 15 for video).
+        refresh_every: recompute the matches every n steps (steps 0, n, 2n, ...) and reuse them in between;
+            ``"auto"`` (default) = :func:`paper_schedule` (every call on row-wise layouts, else 5).
+        refresh_last_step: also recompute at the last step ``num_steps - 1`` (SyncDreamer release, quirk:
+            an extra refresh off the 5-step grid; default False). Needs ``num_steps``.
+        num_steps: the generation's number of steps (only read by ``refresh_last_step``; the SyncDreamer
+            preset says 50, its DDIM setting: pass your own).
         history_max: match with the element-wise max of q and k over the last ``history_length`` adapted
             calls of each layer (SyncDreamer release; default False).
         history_length: calls kept for ``history_max`` (default 11).
+        history_for_aggregation: (quirk, SyncDreamer release) the history-max q and k also replace the
+            layer's q and k in the windowed aggregation (values stay the current ones); default False: the
+            history only chooses the matches.
+        shared_guidance_cache: (quirk, SyncDreamer release) one cache of matches per layer and view pair for
+            the whole batch: at a refresh every batch entry matches on its own, and the cache keeps the last
+            entry's matches, which every entry then reuses until the next refresh; under classifier-free
+            guidance batched ``[cond, uncond]`` the conditional half reuses the unconditional half's matches.
+            Default False: one cache per batch entry.
         window: ``"square"`` ``(2r+1)^2`` window, ``"row"`` 1-D window of 2r+1 tokens along the row (for
-            row-wise multi-view attention), ``"auto"`` (default): row where the layer's layout says
-            ``row_wise``, else square.
+            row-wise multi-view attention), ``"auto"`` (default): row where the layer's layout is ``row_wise``,
+            else square.
+        window_border: ``"mask"`` (default; SyncDreamer): window entries outside the image are left out of the
+            softmax; ``"clamp"`` (quirk, MVAdapter release): indices are clamped into the image, so border keys
+            are counted several times.
+        unmatched: ``"original"`` (default; SyncDreamer): tokens with no kept match keep the original output;
+            ``"scaled"`` (quirk, MVAdapter release): every token is blended, so tokens with no kept match
+            become ``eta x original`` (0.1 x original with the release's eta).
+        image_conditioned: reference images condition the generation (image-to-multi-view); read by the
+            ``"auto"`` step rule (default False: text-conditioned, corrlab's embedded pipeline).
+        video: the model generates video (15 active steps by the auto rule); None (default) = from the model
+            (Wan transformers are video models).
         chunk_size: source tokens per matcher block and kept matches per aggregation block (default 64:
             small temporaries, see the module docstring).
     """
@@ -108,12 +188,43 @@ class CorrAdapterConfig:
     heads: str = "per_head"
     mutual: bool = False
     layers: tuple[str, ...] | None = None
-    active_steps: int | None = 10
-    refresh_every: int = 5
+    active_steps: int | None | str = "auto"
+    refresh_every: int | str = "auto"
     history_max: bool = False
     history_length: int = 11
     window: str = "auto"
     chunk_size: int = 64
+    strict_threshold: bool = False
+    history_for_aggregation: bool = False
+    shared_guidance_cache: bool = False
+    refresh_last_step: bool = False
+    num_steps: int | None = None
+    window_border: str = "mask"
+    unmatched: str = "original"
+    image_conditioned: bool = False
+    video: bool | None = None
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "CorrAdapterConfig":
+        """The exact settings of a released integration (methods.md section 6), with ``overrides``.
+
+        * ``"syncdreamer"``: dual softmax per head, window confidence (7x7, ``>=`` 0.05), matching AND (quirk)
+          aggregation with the element-wise max of q and k over the last 11 calls, refresh at steps 0, 5, ...
+          and (quirk) the last step (``num_steps``, 50 in the release: pass yours), (quirk) one cache shared by
+          the guidance halves, masked 7x7 window, 0.1 / 0.9 blend where a match was kept, every step.
+        * ``"mvadapter"``: row softmax per head over the same row of each other view (row-wise layouts),
+          ``>`` 0.05 on the max probability, refreshed every call, (quirk) clamped 7-token row window,
+          (quirk) unmatched tokens scaled to 0.1 x original, every step.
+
+        Both leave ``layers`` to :func:`default_adapter_layers` (the finest decoder level, as released).
+        """
+        check_choice("name", name, tuple(_PRESETS))
+        return cls(**{**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        """Names accepted by :meth:`preset`."""
+        return tuple(_PRESETS)
 
     def __post_init__(self) -> None:
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0.0 <= float(self.eta) <= 1.0:
@@ -123,13 +234,22 @@ class CorrAdapterConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueRangeError(f"{name}: expected a non-negative int, got {value!r}")
-        for name in ("refresh_every", "history_length", "chunk_size"):
+        for name in ("history_length", "chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueRangeError(f"{name}: expected a positive int, got {value!r}")
+        r = self.refresh_every
+        if r != "auto" and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueRangeError(f"refresh_every: expected 'auto' or a positive int, got {r!r}")
         a = self.active_steps
-        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
-            raise ValueRangeError(f"active_steps: expected None (every step) or a positive int K (first K steps), got {a!r}")
+        if a != "auto" and a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
+            raise ValueRangeError(
+                f"active_steps: expected 'auto' (the paper's rule), None (every step) or a positive int K (first K "
+                f"steps), got {a!r}"
+            )
+        n = self.num_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueRangeError(f"num_steps: expected None or a positive int, got {n!r}")
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
             raise ValueRangeError(f"threshold: expected a probability in [0, 1], got {t!r}")
@@ -138,13 +258,31 @@ class CorrAdapterConfig:
         check_choice("similarity", self.similarity, ("softmax", "dual_softmax"))
         check_choice("heads", self.heads, ("per_head", "mean"))
         check_choice("window", self.window, ("auto", "square", "row"))
-        for name in ("mutual", "history_max"):
+        check_choice("window_border", self.window_border, ("mask", "clamp"))
+        check_choice("unmatched", self.unmatched, ("original", "scaled"))
+        for name in ("mutual", "history_max", "strict_threshold", "history_for_aggregation", "shared_guidance_cache",
+                     "refresh_last_step", "image_conditioned"):
             if not isinstance(getattr(self, name), bool):
                 raise CorrlabError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.video is not None and not isinstance(self.video, bool):
+            raise CorrlabError(f"video: expected None (from the model) or a bool, got {self.video!r}")
+        if self.history_for_aggregation and not self.history_max:
+            raise CorrlabError("history_for_aggregation: expected together with history_max=True, got history_max=False")
+        if self.refresh_last_step and self.num_steps is None:
+            raise CorrlabError("num_steps: refresh_last_step=True needs the generation's number of steps, got None")
         if self.layers is not None:
             if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers) or not self.layers:
                 raise CorrlabError(f"layers: expected None or a non-empty list of layer names, got {describe(self.layers)}")
             object.__setattr__(self, "layers", tuple(self.layers))
+
+    def schedule(self, *, row_wise: bool = False, video: bool = False) -> tuple[int | None, int]:
+        """``(active_steps, refresh_every)`` for a layer: the given values, ``"auto"`` through :func:`paper_schedule`."""
+        active, refresh = paper_schedule(
+            image_conditioned=self.image_conditioned, video=self.video if self.video is not None else video,
+            row_wise=row_wise,
+        )
+        return (active if self.active_steps == "auto" else self.active_steps,
+                refresh if self.refresh_every == "auto" else self.refresh_every)
 
     def matching_options(self) -> dict:
         """Keyword arguments of :func:`corrlab.probing.matcher.match_views` (window radius = ``radius``)."""
@@ -156,18 +294,31 @@ class CorrAdapterConfig:
             "window_radius": self.radius,
             "mutual": self.mutual,
             "chunk_size": self.chunk_size,
+            "strict": self.strict_threshold,
         }
 
 
-_MATCHING_FIELDS = ("radius", "threshold", "confidence", "similarity", "heads", "mutual", "history_max", "history_length")
+_MATCHING_FIELDS = ("radius", "threshold", "confidence", "similarity", "heads", "mutual", "history_max", "history_length",
+                   "strict_threshold", "history_for_aggregation", "shared_guidance_cache")
+
+
+_DECODER_CONTAINERS = ("up_blocks", "output_blocks", "decoder")  # diffusers UNets, ldm UNets, generic
+
+
+def is_decoder_layer(name: str) -> bool:
+    """Whether a layer name lies in a UNet decoder (``up_blocks`` (diffusers), ``output_blocks`` (ldm),
+    ``decoder``), after any denoiser prefix."""
+    return any(part in _DECODER_CONTAINERS for part in name.split("."))
 
 
 def default_adapter_layers(model_or_pipeline: Any) -> list[str]:
     """The layers CorrAdapter adapts by default (see :attr:`CorrAdapterConfig.layers`).
 
-    The multi-image layers with the most tokens per image (a UNet's highest-resolution level); where that
-    is every layer (all share one grid, or no grid is known from the config: transformers), only the
-    last of them in forward order.
+    The paper injects only into the highest-resolution multi-image layers, and both releases do so in the
+    decoder only (SyncDreamer: output blocks 9-11; MV-Adapter: ``up_blocks.1``). So: where the layers'
+    token grids differ (a UNet), the layers with the most tokens per image among the decoder's layers
+    (all layers if none is a decoder layer); where every layer shares one grid, or no grid is known from
+    the config (transformers), only the last of them in forward order.
     """
     infos: list = []
     seen: set[str] = set()
@@ -180,8 +331,10 @@ def default_adapter_layers(model_or_pipeline: Any) -> list[str]:
     sizes = [None if i.grid is None else i.grid[0] * i.grid[1] for i in infos]
     known = [s for s in sizes if s is not None]
     if known and len(set(known)) > 1:
-        top = max(known)
-        return [i.name for i, s in zip(infos, sizes) if s == top]
+        decoder = [(i, s) for i, s in zip(infos, sizes) if s is not None and is_decoder_layer(i.name)]
+        pool = decoder or [(i, s) for i, s in zip(infos, sizes) if s is not None]
+        top = max(s for _, s in pool)
+        return [i.name for i, s in pool if s == top]
     return [infos[-1].name]
 
 
@@ -195,7 +348,7 @@ def other_images(num_images: int) -> torch.Tensor:
 
 
 def window_token_indices(
-    centre: torch.Tensor, grid: tuple[int, int], radius: int, shape: str = "square"
+    centre: torch.Tensor, grid: tuple[int, int], radius: int, shape: str = "square", border: str = "mask"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens of the window around each centre token.
 
@@ -204,12 +357,15 @@ def window_token_indices(
         grid: ``(h, w)``.
         radius: r; the window is ``(2r+1)^2`` tokens (``shape="square"``) or 2r+1 tokens of the same row
             (``shape="row"``), row-major, centre in the middle.
+        border: ``"mask"`` (``inside`` says which entries lie in the image) or ``"clamp"`` (every entry
+            counts: outside entries are the clamped border tokens, ``inside`` is all True; MVAdapter release).
 
     Returns:
         ``(index (..., K), inside (..., K))``: token indices (clamped into the grid where outside) and whether
-        each window entry lies inside the image.
+        each window entry is used.
     """
     check_choice("shape", shape, ("square", "row"))
+    check_choice("border", border, ("mask", "clamp"))
     h, w = int(grid[0]), int(grid[1])
     if shape == "square":
         dr, dc = window_offsets((h, w), radius, device=centre.device)
@@ -219,6 +375,8 @@ def window_token_indices(
     row = (centre // w).unsqueeze(-1) + dr
     col = (centre % w).unsqueeze(-1) + dc
     inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
+    if border == "clamp":
+        inside = torch.ones_like(inside)
     return row.clamp(0, h - 1) * w + col.clamp(0, w - 1), inside
 
 
@@ -264,7 +422,7 @@ def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
 
 
 def _kept_window_attention(
-    q, k, v, index, kept, grid, scale, radius, window, chunk_size, dtype
+    q, k, v, index, kept, grid, scale, radius, window, chunk_size, dtype, border="mask"
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Windowed attention of every kept match, block by block.
 
@@ -281,7 +439,7 @@ def _kept_window_attention(
     v_rows, (vb, vv, vh, vn), v_off = _row_view(v)
     for s in range(0, bs.numel(), chunk_size):
         b, i, h, j, p = (x[s:s + chunk_size] for x in (bs, src, hs, tgt, ps))
-        tok, inside = window_token_indices(centre[s:s + chunk_size], grid, radius, window)  # (C, K)
+        tok, inside = window_token_indices(centre[s:s + chunk_size], grid, radius, window, border)  # (C, K)
         n_c, n_k = tok.shape
         query = q_rows.index_select(0, q_off + b * qb + i * qv + h * qh + p * qn).to(dtype)  # (C, d)
         keys = k_rows.index_select(0, (k_off + b * kb + j * kv + h * kh)[:, None].add(tok * kn).view(-1))
@@ -311,6 +469,7 @@ def windowed_aggregation(
     radius: int,
     window: str = "square",
     chunk_size: int = 64,
+    border: str = "mask",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to the window around each kept match, averaged over the kept other images.
 
@@ -322,7 +481,8 @@ def windowed_aggregation(
         kept: ``(B, V, H', V-1, N)`` bool, which matches to use.
         grid: ``(h, w)`` token grid of every image, ``h * w = N``.
         scale: the layer's softmax scale.
-        radius: window radius r; ``window``: ``"square"`` or ``"row"`` (see :func:`window_token_indices`).
+        radius: window radius r; ``window``: ``"square"`` or ``"row"``; ``border``: ``"mask"`` or ``"clamp"``
+            (see :func:`window_token_indices`).
         chunk_size: kept matches processed together (memory ``chunk_size x K x (d + dv)`` values).
 
     Returns:
@@ -335,7 +495,10 @@ def windowed_aggregation(
     dtype = _compute_dtype(q)
     total = torch.zeros((B * V * H * N, v.shape[-1]), dtype=dtype, device=q.device)
     count = torch.zeros((B * V * H * N,), dtype=dtype, device=q.device)
-    for (b, i, hd, p), agg in _kept_window_attention(q, k, v, index, kept, (h, w), scale, radius, window, chunk_size, dtype):
+    check_choice("border", border, ("mask", "clamp"))
+    for (b, i, hd, p), agg in _kept_window_attention(
+        q, k, v, index, kept, (h, w), scale, radius, window, chunk_size, dtype, border
+    ):
         row = ((b * V + i) * H + hd) * N + p
         total.index_add_(0, row, agg)
         count.index_add_(0, row, torch.ones_like(agg[:, 0]))
@@ -379,11 +542,15 @@ def corr_adapted_output(
     window: str = "square",
     chunk_size: int = 64,
     inplace: bool = False,
+    border: str = "mask",
+    unmatched: str = "original",
 ) -> torch.Tensor:
     """CorrAdapter's output in one pass: :func:`blend_aggregated` of :func:`windowed_aggregation`.
 
     Same arguments as :func:`windowed_aggregation` plus ``original (B, V, heads, N, dv)`` (the layer's
-    attention output) and ``eta``. The blend is written row by row (no full-size aggregate): into a copy of
+    attention output), ``eta`` and ``unmatched``: ``"original"`` (tokens with no kept match are left as they
+    are) or ``"scaled"`` (every token is blended: those with no kept match become ``eta * original``,
+    the MVAdapter release). The blend is written row by row (no full-size aggregate): into a copy of
     ``original`` (returned), or with ``inplace=True`` into ``original`` itself (returned; no copy at all when
     its rows are contiguous, as an attention kernel's output is). With ``eta = 1`` the result equals
     ``original`` exactly.
@@ -394,17 +561,24 @@ def corr_adapted_output(
         raise ShapeError(f"original: expected shape {tuple(v.shape)} (the values'), got {describe(original)}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
         raise ValueRangeError(f"eta: expected a number in [0, 1], got {eta!r}")
+    check_choice("border", border, ("mask", "clamp"))
+    check_choice("unmatched", unmatched, ("original", "scaled"))
     target = original if inplace else original.clone(memory_format=torch.contiguous_format)
+    if unmatched == "scaled":
+        target.mul_(eta)  # every token's original gets weight eta; the kept ones get their aggregate below
     rows, (sb, sv, sh, sn), offset = _row_view(target)
     copied = rows.untyped_storage().data_ptr() != target.untyped_storage().data_ptr()
     n_kept = kept.expand(B, V, H, V - 1, N).sum(dim=3)  # (B, V, H, N) kept other images per output row
     tb, ti, th, tp = n_kept.nonzero(as_tuple=True)
     if tb.numel() == 0:
         return target
-    rows[offset + tb * sb + ti * sv + th * sh + tp * sn] *= eta
+    if unmatched == "original":
+        rows[offset + tb * sb + ti * sv + th * sh + tp * sn] *= eta
     dtype = _compute_dtype(q)
     share = (1.0 - float(eta)) / n_kept.clamp(min=1).to(dtype)
-    for (b, i, hd, p), agg in _kept_window_attention(q, k, v, index, kept, (h, w), scale, radius, window, chunk_size, dtype):
+    for (b, i, hd, p), agg in _kept_window_attention(
+        q, k, v, index, kept, (h, w), scale, radius, window, chunk_size, dtype, border
+    ):
         agg.mul_(share[b, i, hd, p].unsqueeze(-1))
         rows.index_add_(0, offset + b * sb + i * sv + hd * sh + p * sn, agg.to(rows.dtype))
     if copied:  # rows of a contiguous copy: write it back
@@ -416,7 +590,7 @@ def corr_adapted_output(
 class _CachedMatches:
     step: int
     shape: tuple
-    index: torch.Tensor  # (B, V, H', V-1, N)
+    index: torch.Tensor  # (B, V, H', V-1, N), or (1, ...) for a guidance-shared cache
     kept: torch.Tensor
 
 
@@ -426,10 +600,20 @@ class CorrAdapter:
     Holds the per-layer state (step counter, cached matches, q/k history). ``stats`` counts calls:
     ``calls`` (tapped calls), ``adapted_calls``, ``matcher_refreshes`` (layer calls that recomputed
     matches), ``kept`` and ``total`` (kept and all match slots, summed over adapted calls).
+
+    Refresh rule: a layer's matches are recomputed at steps ``0, n, 2n, ...`` (``n`` = the resolved
+    ``refresh_every``), at the last step with ``refresh_last_step``, and whenever nothing usable is cached
+    (first call, changed shape, changed matching option); in between the cached matches are reused. With
+    one cache per batch entry (default), a step with several denoiser calls (a pipeline calling the
+    conditional and unconditional branches separately) keeps one cache per call position in the step.
+
+    ``video`` tells the ``"auto"`` step rule that the model generates video (set by the handle from the
+    model family; ``config.video`` overrides it).
     """
 
-    def __init__(self, config: CorrAdapterConfig):
+    def __init__(self, config: CorrAdapterConfig, video: bool = False):
         self.config = config
+        self.video = bool(video)
         self.stats: dict[str, int] = {}
         self.reset()
 
@@ -438,12 +622,13 @@ class CorrAdapter:
         self.step = -1
         self._last_call: int | None = None
         self._last_timestep: float | None = None
+        self._slot = 0
         self._new_generation()
         self.stats = {"calls": 0, "adapted_calls": 0, "matcher_refreshes": 0, "kept": 0, "total": 0}
 
     def _new_generation(self) -> None:
         self.step = -1
-        self._cache: dict[str, _CachedMatches] = {}
+        self._cache: dict[tuple, _CachedMatches] = {}
         self._history = HistoryMax(self.config.history_length) if self.config.history_max else None
 
     def set_config(self, config: CorrAdapterConfig) -> None:
@@ -460,18 +645,19 @@ class CorrAdapter:
                 self._new_generation()
             if t is None or self._last_timestep is None or t != self._last_timestep:
                 self.step += 1
+                self._slot = 0
+            else:
+                self._slot += 1  # another denoiser call within the same step (e.g. the other guidance branch)
             self._last_call, self._last_timestep = call.call_index, t
         return self.step
 
-    def _matches(self, call: AttentionCall, step: int) -> _CachedMatches:
+    def _refresh_due(self, step: int, refresh_every: int) -> bool:
         cfg = self.config
-        q, k = call.q, call.k
-        if self._history is not None:
-            q, k = self._history.update(call.layer, q, k)
-        cached = self._cache.get(call.layer)
-        shape = tuple(call.q.shape)
-        if cached is not None and cached.shape == shape and step - cached.step < cfg.refresh_every:
-            return cached
+        return step % refresh_every == 0 or (cfg.refresh_last_step and step == cfg.num_steps - 1)
+
+    def _match(self, q: torch.Tensor, k: torch.Tensor, layout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matches of every batch entry: ``(index, kept)``, each ``(B, V, H', V-1, N)``."""
+        cfg = self.config
         B, V, H, N, _ = q.shape
         targets = other_images(V).tolist()
         options = cfg.matching_options()
@@ -481,12 +667,27 @@ class CorrAdapter:
         for b in range(B):
             k_heads = k[b].transpose(0, 1)  # (heads, V, N, d)
             for i in range(V):
-                m = match_views(q[b, i], k_heads[:, targets[i]], call.layout.grid, scale=call.scale, **options)
+                m = match_layout(q[b, i], k_heads[:, targets[i]], layout.grid, row_wise=layout.row_wise,
+                                 scale=scale, **options)
                 index[b, i], kept[b, i] = m.index, m.kept
-        cached = _CachedMatches(step, shape, index, kept)
-        self._cache[call.layer] = cached
+        return index, kept
+
+    def _matches(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, step: int, refresh_every: int):
+        cfg = self.config
+        key = (call.layer,) if cfg.shared_guidance_cache else (call.layer, self._slot)
+        cached = self._cache.get(key)
+        shape = tuple(call.q.shape)
+        usable = cached is not None and cached.shape == shape and cached.step <= step
+        if usable and not self._refresh_due(step, refresh_every):
+            B = shape[0]
+            return cached.index.expand(B, *cached.index.shape[1:]), cached.kept.expand(B, *cached.kept.shape[1:])
+        index, kept = self._match(q, k, call.layout, call.scale)
+        if cfg.shared_guidance_cache:  # the cache keeps the last batch entry's matches (release quirk)
+            self._cache[key] = _CachedMatches(step, shape, index[-1:].clone(), kept[-1:].clone())
+        else:
+            self._cache[key] = _CachedMatches(step, shape, index, kept)
         self.stats["matcher_refreshes"] += 1
-        return cached
+        return index, kept
 
     def _window_shape(self, call: AttentionCall) -> str:
         if self.config.window != "auto":
@@ -498,20 +699,36 @@ class CorrAdapter:
         self.stats["calls"] += 1
         step = self._step_of(call)
         cfg = self.config
-        if cfg.active_steps is not None and step >= cfg.active_steps:
+        active_steps, refresh_every = cfg.schedule(row_wise=call.layout.row_wise, video=self.video)
+        if active_steps is not None and step >= active_steps:
             return None
         if call.layout.num_images < 2:
             return None
-        matches = self._matches(call, step)
+        q, k = call.q, call.k
+        if self._history is not None:
+            q, k = self._history.update(call.layer, q, k)
+        index, kept = self._matches(call, q, k, step, refresh_every)
+        if not cfg.history_for_aggregation:
+            q, k = call.q, call.k
         out = corr_adapted_output(
-            call.out, call.q, call.k, call.v, matches.index, matches.kept, call.layout.grid, scale=call.scale,
+            call.out, q, k, call.v, index, kept, call.layout.grid, scale=call.scale,
             radius=cfg.radius, eta=cfg.eta, window=self._window_shape(call), chunk_size=cfg.chunk_size,
-            inplace=True,
+            inplace=True, border=cfg.window_border, unmatched=cfg.unmatched,
         )
         self.stats["adapted_calls"] += 1
-        self.stats["kept"] += int(matches.kept.sum()) * (call.q.shape[2] // matches.kept.shape[2])
-        self.stats["total"] += matches.kept.numel() * (call.q.shape[2] // matches.kept.shape[2])
+        self.stats["kept"] += int(kept.sum()) * (call.q.shape[2] // kept.shape[2])
+        self.stats["total"] += kept.numel() * (call.q.shape[2] // kept.shape[2])
         return out
+
+
+def _is_video_model(model_or_pipeline: Any) -> bool:
+    """Whether the model generates video (its first denoiser is a Wan transformer): the auto step rule's 15 steps."""
+    from ..probing.layouts import find_denoisers
+
+    try:
+        return find_denoisers(model_or_pipeline)[0].family.name == "wan_self"
+    except CorrlabError:
+        return False
 
 
 def _config(config: CorrAdapterConfig | None, params: dict) -> CorrAdapterConfig:
@@ -536,7 +753,7 @@ class CorrAdapterHandle:
 
     def __init__(self, model_or_pipeline: Any, config: CorrAdapterConfig | None = None, **params: Any):
         self.target = model_or_pipeline
-        self.adapter = CorrAdapter(_config(config, params))
+        self.adapter = CorrAdapter(_config(config, params), video=_is_video_model(model_or_pipeline))
         self._layers = self._resolve_layers(self.adapter.config)
         self._taps: AttentionTaps | None = None
 

@@ -7,8 +7,10 @@
 >>> rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)   # doctest: +SKIP
 >>> score_record(rec)                                             # doctest: +SKIP
 """
+from .custom import ProjectionSpec, register_attention_module, register_family, unregister_attention_module, unregister_family
 from .controls import CONTROLS, appearance_matches, chance_matches, control_matches, identity_matches
-from .matcher import MATCHING_DEFAULTS, HistoryMax, TokenMatches, match_tokens, match_views
+from .matcher import MATCHING_DEFAULTS, HistoryMax, TokenMatches, match_layout, match_tokens, match_views
+from .row_attention import RowWiseMultiViewAttnProcessor, row_wise_attention_processors
 from .probe import ProbeRecorder, probe
 from .record import ProbeRecord, RecordBuilder
 from .scoring import (
@@ -34,7 +36,15 @@ __all__ = [
     "MATCHING_DEFAULTS",
     "match_tokens",
     "match_views",
+    "match_layout",
     "HistoryMax",
+    "RowWiseMultiViewAttnProcessor",
+    "row_wise_attention_processors",
+    "ProjectionSpec",
+    "register_attention_module",
+    "unregister_attention_module",
+    "register_family",
+    "unregister_family",
     "CONTROLS",
     "chance_matches",
     "identity_matches",

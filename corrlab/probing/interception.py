@@ -36,7 +36,19 @@ from torch import nn
 
 from ..errors import CorrlabError
 
-__all__ = ["KernelCall", "Interceptor", "intercepting", "attach", "AttachHandle", "kernel_globals", "active_frames"]
+__all__ = [
+    "KernelCall",
+    "Interceptor",
+    "intercepting",
+    "attach",
+    "AttachHandle",
+    "kernel_globals",
+    "active_frames",
+    "ProjectionSpec",
+    "register_attention_module",
+    "unregister_attention_module",
+    "projection_spec",
+]
 
 Proceed = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -281,6 +293,164 @@ class AttachHandle:
             self._handles.pop().remove()
 
 
+# ------------------------------------------------------------------------------ modules without a kernel call
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """How to read an attention module that has no kernel call to intercept (ldm-style einsum attention).
+
+    The module must compute ``q = <q>(x)``, ``k = <k>(context)``, ``v = <v>(context)`` with sub-modules
+    (outputs ``(B, S, heads * d)``, heads-major in the last dimension, as ``rearrange('b n (h d) -> ...')``
+    splits them), use them unchanged in ``softmax(scale q k^T) v`` per head, and hand the merged heads
+    ``(B, S, heads * d)`` to the sub-module ``<out>`` (the output projection). corrlab hooks those
+    sub-modules: q, k, v are their outputs, the attention output is ``<out>``'s input, and a replacement
+    becomes ``<out>``'s input. A module that transforms q or k after projecting them (qk-norm, RoPE) is not
+    read correctly this way: give it a diffusers-style processor calling ``F.scaled_dot_product_attention``.
+
+    Attributes:
+        q, k, v, out: dotted sub-module names (default ``to_q``, ``to_k``, ``to_v``, ``to_out``).
+        heads: attribute holding the number of heads (default ``heads``), or an int.
+        scale: attribute holding the softmax scale (default ``scale``), a float, or None for ``1/sqrt(d)``.
+    """
+
+    q: str = "to_q"
+    k: str = "to_k"
+    v: str = "to_v"
+    out: str = "to_out"
+    heads: str | int = "heads"
+    scale: str | float | None = "scale"
+
+    def num_heads(self, module: nn.Module) -> int:
+        h = self.heads if isinstance(self.heads, int) else getattr(module, self.heads, None)
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise CorrlabError(f"heads: expected {type(module).__name__}.{self.heads} to be a positive int, got {h!r}")
+        return h
+
+    def softmax_scale(self, module: nn.Module) -> float | None:
+        if self.scale is None or isinstance(self.scale, (int, float)):
+            return None if self.scale is None else float(self.scale)
+        value = getattr(module, self.scale, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CorrlabError(f"scale: expected {type(module).__name__}.{self.scale} to be a number, got {value!r}")
+        return float(value)
+
+
+_PROJECTION_MODULES: dict[type, ProjectionSpec] = {}
+
+
+def register_attention_module(module_type: type, spec: ProjectionSpec | None = None, **fields: Any) -> ProjectionSpec:
+    """Make corrlab intercept attention modules of ``module_type`` through their projections.
+
+    ``spec`` (or its fields as keywords) says where q, k, v and the output projection are; see
+    :class:`ProjectionSpec`. Modules of this type (and subclasses) are then tapped by probes and
+    CorrAdapter like diffusers' attention layers. Undo with :func:`unregister_attention_module`.
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise CorrlabError(f"module_type: expected an nn.Module subclass, got {module_type!r}")
+    if spec is not None and fields:
+        raise CorrlabError("spec: expected either a ProjectionSpec or its fields as keywords, got both")
+    spec = spec if spec is not None else ProjectionSpec(**fields)
+    if not isinstance(spec, ProjectionSpec):
+        raise CorrlabError(f"spec: expected a ProjectionSpec, got {type(spec).__name__}")
+    _PROJECTION_MODULES[module_type] = spec
+    return spec
+
+
+def unregister_attention_module(module_type: type) -> None:
+    """Forget a type registered with :func:`register_attention_module` (a no-op if unknown)."""
+    _PROJECTION_MODULES.pop(module_type, None)
+
+
+def projection_spec(module: nn.Module) -> ProjectionSpec | None:
+    """The registered :class:`ProjectionSpec` of ``module``'s type (or a base type), else None."""
+    for cls in type(module).__mro__:
+        if cls in _PROJECTION_MODULES:
+            return _PROJECTION_MODULES[cls]
+    return None
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        raise CorrlabError(
+            f"module: {type(module).__name__} has no sub-module {name!r} (its registered ProjectionSpec names it)"
+        ) from None
+
+
+class _ProjectionHooks:
+    """Hooks reading q, k, v from a module's projections and replacing the input of its output projection."""
+
+    def __init__(self, module: nn.Module, spec: ProjectionSpec, interceptor: Interceptor, after_call):
+        if getattr(interceptor, "structural", False):
+            raise CorrlabError(
+                f"interceptor: {type(module).__name__} is read through its projections; structural interceptors "
+                f"(which change q, k, v) need a kernel call and are not supported on it"
+            )
+        self.module, self.spec, self.interceptor, self.after_call = module, spec, interceptor, after_call
+        self.active = False
+        self.captured: dict[str, torch.Tensor] = {}
+        self.calls = 0
+        subs = {name: _submodule(module, getattr(spec, name)) for name in ("q", "k", "v", "out")}  # before any hook
+        self.handles = [module.register_forward_pre_hook(self._begin)]
+        for name in ("q", "k", "v"):
+            self.handles.append(subs[name].register_forward_hook(self._capture(name)))
+        # prepend: an interceptor attached later runs first, so one attached earlier (outer) sees its result,
+        # as with kernel interception
+        self.handles.append(subs["out"].register_forward_pre_hook(self._replace, prepend=True))
+        self.handles.append(module.register_forward_hook(self._end, always_call=True))
+
+    def _begin(self, mod, args):
+        self.active, self.calls = True, 0
+        self.captured.clear()
+
+    def _capture(self, name: str):
+        def hook(mod, args, output):
+            if self.active:
+                self.captured[name] = output
+        return hook
+
+    def _replace(self, mod, args):
+        if not self.active or len(self.captured) < 3 or not args:
+            return None
+        x = args[0]
+        heads = self.spec.num_heads(self.module)
+        q, k, v = self.captured["q"], self.captured["k"], self.captured["v"]
+        for name, t in (("q", q), ("k", k), ("v", v), ("out", x)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[-1] % heads:
+                raise CorrlabError(
+                    f"{name}: expected (B, S, heads * d) with {heads} heads from {type(self.module).__name__}'s "
+                    f"projections, got {tuple(getattr(t, 'shape', ()))}"
+                )
+
+        def canonical(t: torch.Tensor) -> torch.Tensor:  # (B, S, heads*d) -> (B, heads, S, d), a view
+            return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+        qc, kc, vc, oc = canonical(q), canonical(k), canonical(v), canonical(x)
+        call = KernelCall(self.module, None, self.spec.softmax_scale(self.module), False, 1)
+
+        def terminal(q2, k2, v2):
+            if q2 is not qc or k2 is not kc or v2 is not vc:
+                raise CorrlabError(f"{type(self.module).__name__}: q, k, v cannot be changed on a projection-read module")
+            return oc
+
+        self.calls += 1
+        self.captured.clear()
+        result = self.interceptor(call, qc, kc, vc, terminal)
+        if result is oc:
+            return None
+        return (result.transpose(1, 2).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+
+    def _end(self, mod, args, output):
+        self.active = False
+        self.captured.clear()
+        if output is not None and self.after_call is not None:
+            self.after_call(self.calls)
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
 def attach(
     module: nn.Module,
     interceptor: Interceptor,
@@ -289,8 +459,12 @@ def attach(
     """Intercept every call of ``module`` (forward hooks; the processor is untouched).
 
     ``after_call(kernel_calls)`` runs after each successful call of the module with the number of
-    kernel calls the interceptors saw (e.g. to raise when a processor bypassed the kernel).
+    kernel calls the interceptors saw (e.g. to raise when a processor bypassed the kernel). Modules of a
+    type registered with :func:`register_attention_module` are read through their projections instead.
     """
+    spec = projection_spec(module)
+    if spec is not None:
+        return AttachHandle([_ProjectionHooks(module, spec, interceptor, after_call)])
     def pre_hook(mod, args):
         enter(mod, interceptor)
 

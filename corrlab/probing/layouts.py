@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CorrlabError, ShapeError, ValueRangeError, check_shape, describe
 
-__all__ = ["TokenLayout", "ImageTokens", "grid_from_token_count"]
+__all__ = ["TokenLayout", "ImageTokens", "grid_from_token_count", "Family", "register_family", "unregister_family"]
 
 
 def _positive_pair(name: str, value) -> tuple[int, int]:
@@ -41,15 +41,24 @@ class TokenLayout:
 
     ``num_images`` V, ``grid`` ``(h, w)`` tokens per image, ``image_size`` ``(H, W)`` pixels of the
     generated images. Tokens of one image are indexed row-major: ``token = r * w + c``.
+
+    ``row_wise``: the layer attends row by row (MV-Adapter's row-wise multi-view attention: a query of
+    image i's row y sees only row y of every image), so native matches exist only within the same row:
+    probes and CorrAdapter match per row and aggregate in a 1-D row window. The row constraint is the
+    epipolar constraint only for orthographic views at elevation 0 (the setting MV-Adapter's row-wise
+    attention was designed for); for other cameras it is an approximation built into the model.
     """
 
     num_images: int
     grid: tuple[int, int]
     image_size: tuple[int, int]
+    row_wise: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_images, int) or isinstance(self.num_images, bool) or self.num_images < 1:
             raise ValueRangeError(f"num_images: expected a positive integer, got {self.num_images!r}")
+        if not isinstance(self.row_wise, bool):
+            raise CorrlabError(f"row_wise: expected a bool, got {self.row_wise!r}")
         object.__setattr__(self, "grid", _positive_pair("grid", self.grid))
         object.__setattr__(self, "image_size", _positive_pair("image_size", self.image_size))
 
@@ -108,32 +117,43 @@ class ImageTokens:
 
     ``images_in="sequence"``: ``Sk = text_tokens + V*h*w``, image v's token t at ``text_tokens + v*h*w + t``,
     ``Bk = B``. ``images_in="batch"``: ``Bk = B*V`` (image v of group b is batch entry ``b*V + v``),
-    ``Sk = text_tokens + h*w``.
+    ``Sk = text_tokens + h*w``. ``images_in="rows"`` (row-wise multi-view attention, MV-Adapter's design;
+    ``layout.row_wise`` must be True): one kernel batch entry per (set b, image v, row y), entry
+    ``(b*V + v)*h + y``; queries and outputs ``(B*V*h, heads, w, d)`` (the row), keys and values
+    ``(B*V*h, heads, V*w, d)`` (row y of every image, image-major). :meth:`select` gives queries/outputs;
+    :meth:`select_keys` gives each image's keys/values from its own row entries (row y of image v in
+    entry ``(b, v, y)``). Both are copies for this placement (write outputs back with :meth:`scatter`).
     """
 
     layout: TokenLayout
-    images_in: Literal["sequence", "batch"]
+    images_in: Literal["sequence", "batch", "rows"]
     text_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.images_in not in ("sequence", "batch"):
-            raise CorrlabError(f"images_in: expected 'sequence' or 'batch', got {self.images_in!r}")
+        if self.images_in not in ("sequence", "batch", "rows"):
+            raise CorrlabError(f"images_in: expected 'sequence', 'batch' or 'rows', got {self.images_in!r}")
+        if self.images_in == "rows" and (not self.layout.row_wise or self.text_tokens):
+            raise CorrlabError("images_in: 'rows' needs a row_wise layout and no leading text tokens")
         if self.text_tokens < 0:
             raise ValueRangeError(f"text_tokens: expected a non-negative integer, got {self.text_tokens!r}")
 
-    def expected_length(self) -> int:
-        """``Sk``, the kernel's sequence length."""
+    def expected_length(self, keys: bool = False) -> int:
+        """``Sk``, the kernel's sequence length (of the keys with ``keys=True``: differs for ``"rows"``)."""
         V, n = self.layout.num_images, self.layout.tokens_per_image
+        if self.images_in == "rows":
+            return self.layout.grid[1] * (V if keys else 1)
         return self.text_tokens + (V * n if self.images_in == "sequence" else n)
 
-    def check(self, name: str, x: torch.Tensor) -> None:
+    def check(self, name: str, x: torch.Tensor, keys: bool = False) -> None:
         """Raise :class:`ShapeError` unless ``x (Bk, heads, Sk, d)`` fits this placement."""
         V = self.layout.num_images
-        ok = x.ndim == 4 and x.shape[2] == self.expected_length()
+        ok = x.ndim == 4 and x.shape[2] == self.expected_length(keys)
         if ok and self.images_in == "batch":
             ok = x.shape[0] % V == 0
+        if ok and self.images_in == "rows":
+            ok = x.shape[0] % (V * self.layout.grid[0]) == 0
         if not ok:
-            batch = "B" if self.images_in == "sequence" else f"B*{V}"
+            batch = {"sequence": "B", "batch": f"B*{V}", "rows": f"B*{V}*{self.layout.grid[0]}"}[self.images_in]
             raise ShapeError(
                 f"{name}: expected kernel tensor of shape ({batch}, heads, {self.expected_length()}, d) for "
                 f"{V} images of {self.layout.grid} tokens in the {self.images_in} after {self.text_tokens} "
@@ -141,12 +161,45 @@ class ImageTokens:
             )
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        """Kernel tensor ``(Bk, heads, Sk, d)`` -> image tokens ``(B, V, heads, h*w, d)``, a view of ``x``."""
+        """Kernel tensor ``(Bk, heads, Sk, d)`` -> image tokens ``(B, V, heads, h*w, d)``.
+
+        A view of ``x``, except for ``"rows"`` (a copy: rows of one image sit in different kernel entries).
+        """
         self.check("x", x)
         V, n, T = self.layout.num_images, self.layout.tokens_per_image, self.text_tokens
         if self.images_in == "sequence":
             return x[:, :, T:].unflatten(2, (V, n)).transpose(1, 2)
+        if self.images_in == "rows":
+            h = self.layout.grid[0]
+            y = x.unflatten(0, (x.shape[0] // (V * h), V, h))  # (B, V, h, heads, w, d)
+            return y.permute(0, 1, 3, 2, 4, 5).reshape(y.shape[0], V, x.shape[1], n, x.shape[-1])
         return x[:, :, T:].unflatten(0, (x.shape[0] // V, V))
+
+    def select_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Kernel keys or values -> ``(B, V, heads, h*w, d)`` image tokens (like :meth:`select`).
+
+        For ``"rows"``: image v's row y is taken from kernel entry ``(b, v, y)`` (its own query row's entry),
+        block v of the ``V*w`` keys. Other placements: :meth:`select`.
+        """
+        if self.images_in != "rows":
+            return self.select(x)
+        self.check("x", x, keys=True)
+        V, n = self.layout.num_images, self.layout.tokens_per_image
+        h, w = self.layout.grid
+        y = x.unflatten(0, (x.shape[0] // (V * h), V, h)).unflatten(4, (V, w))  # (B, Vq, h, heads, Vk, w, d)
+        own = torch.diagonal(y, dim1=1, dim2=4)  # (B, h, heads, w, d, V)
+        return own.permute(0, 5, 2, 1, 3, 4).reshape(y.shape[0], V, x.shape[1], n, x.shape[-1])
+
+    def scatter(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        """Write image tokens ``value (B, V, heads, h*w, d)`` into kernel tensor ``x`` (inverse of :meth:`select`)."""
+        if self.images_in != "rows":
+            self.select(x).copy_(value)
+            return
+        self.check("x", x)
+        V, (h, w) = self.layout.num_images, self.layout.grid
+        B = x.shape[0] // (V * h)
+        rows = value.unflatten(3, (h, w)).permute(0, 1, 3, 2, 4, 5)  # (B, V, h, heads, w, d)
+        x.copy_(rows.reshape(B * V * h, x.shape[1], w, x.shape[-1]))
 
 
 # ================================================================================ model families
@@ -196,9 +249,16 @@ def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 
 class Family:
-    """Base: a denoiser family. Subclasses define the layers and the per-call image-token placement."""
+    """Base: a denoiser family. Subclasses define the layers and the per-call image-token placement.
+
+    This is also the extension point for models corrlab does not know (see :mod:`corrlab.probing.custom`):
+    subclass it, implement :meth:`matches`, :meth:`layers`, :meth:`read_forward` and :meth:`image_tokens`,
+    and :func:`register_family` an instance. ``timestep_argument`` names the denoiser forward's timestep
+    argument (``"timestep"``; ldm UNets call it ``"timesteps"``).
+    """
 
     name = "family"
+    timestep_argument = "timestep"
 
     def matches(self, model: Any) -> bool:
         raise NotImplementedError
@@ -219,8 +279,10 @@ class Family:
         """What a forward call's arguments say about the layout (shapes and sizes only, no tensors)."""
         raise NotImplementedError
 
-    def image_tokens(self, state: dict, q: torch.Tensor, group_size: int, scale: float, kind: str) -> ImageTokens:
-        """Placement of the image tokens of one kernel call ``q (Bk, heads, Sk, d)``."""
+    def image_tokens(
+        self, state: dict, q: torch.Tensor, group_size: int, scale: float, kind: str, k: torch.Tensor | None = None
+    ) -> ImageTokens:
+        """Placement of the image tokens of one kernel call ``q (Bk, heads, Sq, d)``, ``k (Bk, heads, Sk, d)``."""
         raise NotImplementedError
 
 
@@ -274,7 +336,7 @@ class EmbeddedFamily(Family):
             "patch": int(model.config.patch_size),
         }
 
-    def image_tokens(self, state, q, group_size, scale, kind):
+    def image_tokens(self, state, q, group_size, scale, kind, k=None):
         if group_size != 1:
             raise CorrlabError(f"group_size: the {self.name} family holds its views in one sequence; got {group_size}")
         (H, W), p = state["size"], state["patch"]
@@ -319,7 +381,7 @@ class WanFamily(Family):
             "patch": tuple(int(p) for p in model.config.patch_size),
         }
 
-    def image_tokens(self, state, q, group_size, scale, kind):
+    def image_tokens(self, state, q, group_size, scale, kind, k=None):
         if group_size != 1:
             raise CorrlabError(f"group_size: the {self.name} family holds its frames in one sequence; got {group_size}")
         pt, ph, pw = state["patch"]
@@ -375,11 +437,32 @@ class UNetFamily(Family):
         check_shape("sample", x, (None, None, None, None), "(B, C, H, W)")
         return {"size": (int(x.shape[2]), int(x.shape[3]))}
 
-    def image_tokens(self, state, q, group_size, scale, kind):
+    def image_tokens(self, state, q, group_size, scale, kind, k=None):
         H, W = state["size"]
+        if k is not None and k.shape[2] != q.shape[2]:
+            return _row_tokens(q, k, (H, W), scale)
         grid = grid_from_token_count(int(q.shape[2]), (H, W))
         layout = TokenLayout(group_size, grid, _scaled((H, W), scale))
         return ImageTokens(layout, "batch")
+
+
+def _row_tokens(q: torch.Tensor, k: torch.Tensor, latent: tuple[int, int], scale: float) -> ImageTokens:
+    """Row-wise multi-view kernel call (MV-Adapter): ``q (B*V*h, heads, w, d)``, ``k (B*V*h, heads, V*w, d)``."""
+    w, sk = int(q.shape[2]), int(k.shape[2])
+    H, W = latent
+    h, ww = H, W
+    for _ in range(9):
+        if ww == w:
+            break
+        h, ww = -(-h // 2), -(-ww // 2)
+    if ww != w or sk % w or sk // w < 2 or q.shape[0] % (h * (sk // w)):
+        raise ShapeError(
+            f"k: expected a row-wise multi-view kernel call (queries: one row of w tokens, w = {W} halved k "
+            f"times; keys: that row of V >= 2 images, V*w tokens; batch B*V*rows) for a {latent} latent, got "
+            f"q {describe(q)} and k {describe(k)}"
+        )
+    layout = TokenLayout(sk // w, (h, w), _scaled((H, W), scale), row_wise=True)
+    return ImageTokens(layout, "rows")
 
 
 class FluxFamily(Family):
@@ -422,13 +505,31 @@ class FluxFamily(Family):
             raise ShapeError(f"img_ids: expected a row-major (h, w) grid of image token ids, got {describe(ids)}")
         return {"text_tokens": int(text.shape[1]), "grid": (h, w)}
 
-    def image_tokens(self, state, q, group_size, scale, kind):
+    def image_tokens(self, state, q, group_size, scale, kind, k=None):
         h, w = state["grid"]
         layout = TokenLayout(group_size, (h, w), _scaled((2 * h, 2 * w), scale))
         return ImageTokens(layout, "batch", text_tokens=state["text_tokens"])
 
 
 FAMILIES: list[Family] = [EmbeddedFamily(), WanFamily(), UNetFamily(), FluxFamily()]
+
+
+def register_family(family: Family) -> Family:
+    """Make corrlab find a new kind of denoiser (checked before the built-in families); returns it.
+
+    Undo with :func:`unregister_family`. See :mod:`corrlab.probing.custom` for a worked example.
+    """
+    if not isinstance(family, Family):
+        raise CorrlabError(f"family: expected an instance of a corrlab.probing.layouts.Family subclass, got {describe(family)}")
+    if family not in FAMILIES:
+        FAMILIES.insert(0, family)
+    return family
+
+
+def unregister_family(family: Family) -> None:
+    """Remove a family added with :func:`register_family` (a no-op if it is not registered)."""
+    if family in FAMILIES:
+        FAMILIES.remove(family)
 
 
 @dataclass(frozen=True)

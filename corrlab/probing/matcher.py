@@ -17,7 +17,8 @@ public releases make differently is a parameter:
   ``"window"`` (SyncDreamer release): a softmax over the raw similarities S of the ``(2r+1)^2`` target
   tokens around the argmax (tokens outside the image are masked out); the confidence is the probability
   of the window centre.
-* ``threshold`` (default 0.05, the paper's value): a match is kept when ``confidence >= threshold``.
+* ``threshold`` (default 0.05, the paper's value): a match is kept when ``confidence >= threshold``
+  (SyncDreamer release), or ``confidence > threshold`` with ``strict=True`` (MVAdapter release).
 * ``mutual`` (default False; neither release applies it): additionally keep a match only if the
   target token's best source under the same score P (``argmax_p P[p, l]``) is p again.
 
@@ -43,6 +44,7 @@ __all__ = [
     "MATCHING_DEFAULTS",
     "match_tokens",
     "match_views",
+    "match_layout",
     "window_offsets",
     "check_matching_options",
     "HistoryMax",
@@ -62,6 +64,7 @@ MATCHING_DEFAULTS: dict = {
     "window_radius": 3,
     "mutual": False,
     "chunk_size": 256,
+    "strict": False,
 }
 
 
@@ -90,8 +93,11 @@ def check_matching_options(
     window_radius: int = 3,
     mutual: bool = False,
     chunk_size: int = 256,
+    strict: bool = False,
 ) -> dict:
     """Validate matching options; returns them as a plain dict (the form stored in records)."""
+    if not isinstance(strict, bool):
+        raise CorrlabError(f"strict: expected a bool (keep confidence > threshold instead of >=), got {strict!r}")
     check_choice("similarity", similarity, ("softmax", "dual_softmax"))
     check_choice("heads", heads, ("per_head", "mean"))
     check_choice("confidence", confidence, ("global", "window"))
@@ -111,6 +117,7 @@ def check_matching_options(
         "window_radius": int(window_radius),
         "mutual": bool(mutual),
         "chunk_size": int(chunk_size),
+        "strict": bool(strict),
     }
 
 
@@ -202,6 +209,7 @@ def match_views(
     window_radius: int = 3,
     mutual: bool = False,
     chunk_size: int = 256,
+    strict: bool = False,
     workspace: "Workspace | None" = None,
 ) -> TokenMatches:
     """Match one source image's tokens against several target images at once (same layer, same grid).
@@ -218,7 +226,7 @@ def match_views(
     Returns:
         :class:`TokenMatches` with fields of shape ``(H', T, Ns)``.
     """
-    opts = check_matching_options(similarity, heads, confidence, threshold, window_radius, mutual, chunk_size)
+    opts = check_matching_options(similarity, heads, confidence, threshold, window_radius, mutual, chunk_size, strict)
     h, w = _check_qk(q_src, k_tgt, grid_tgt, scale)
     n_heads, n_src, dim = q_src.shape
     n_tgt_views, n_tgt = k_tgt.shape[1], k_tgt.shape[2]
@@ -257,7 +265,7 @@ def match_views(
             col_lse = torch.logaddexp(col_lse, tmp.sum(dim=-2).log_() + col_max.squeeze(-2))
 
     index = torch.empty((hp, n_tgt_views, n_src), dtype=torch.long, device=device)
-    conf = torch.empty((hp, n_tgt_views, n_src), dtype=torch.float32, device=device)
+    conf = torch.empty((hp, n_tgt_views, n_src), dtype=dtype, device=device)  # float32 when returned
     if mutual:
         col_best = torch.full((hp, n_tgt_views, n_tgt), float("-inf"), dtype=dtype, device=device)
         col_arg = torch.zeros((hp, n_tgt_views, n_tgt), dtype=torch.long, device=device)
@@ -276,22 +284,77 @@ def match_views(
         arg = score.argmax(dim=-1)
         index[..., start:stop] = arg
         if confidence == "window":
-            conf[..., start:stop] = _window_centre_probability(sim, arg, (h, w), window_radius).to(torch.float32)
+            conf[..., start:stop] = _window_centre_probability(sim, arg, (h, w), window_radius)
         elif col_lse is None:
-            conf[..., start:stop] = (1.0 / row_sum.squeeze(-1)).to(torch.float32)  # exp(max - lse)
+            conf[..., start:stop] = 1.0 / row_sum.squeeze(-1)  # exp(max - lse)
         else:
-            conf[..., start:stop] = torch.exp(score.amax(dim=-1) - row_lse.squeeze(-1)).to(torch.float32)
+            conf[..., start:stop] = torch.exp(score.amax(dim=-1) - row_lse.squeeze(-1))
         if mutual:
             log_p = torch.sub(score, row_lse, out=ws.get("tmp", shape, dtype, device))
             blk_best, blk_arg = log_p.max(dim=-2)  # best source in this block for each target token
             better = blk_best > col_best  # strict: the earliest block wins ties, like a full argmax
             col_best = torch.where(better, blk_best, col_best)
             col_arg = torch.where(better, blk_arg + start, col_arg)
-    kept = conf >= opts["threshold"]
+    # decided in the compute dtype (float64 inputs: against the float64 threshold), stored as float32
+    threshold_t = torch.tensor(opts["threshold"], dtype=dtype, device=device)
+    kept = conf > threshold_t if strict else conf >= threshold_t
     if mutual:
         back = col_arg.gather(-1, index)
         kept &= back == torch.arange(n_src, device=device)
-    return TokenMatches(index=index, confidence=conf, kept=kept)
+    return TokenMatches(index=index, confidence=conf.to(torch.float32), kept=kept)
+
+
+@torch.no_grad()
+def match_layout(
+    q_src: torch.Tensor,
+    k_tgt: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    row_wise: bool = False,
+    **options,
+) -> TokenMatches:
+    """:func:`match_views` on a layer's token layout: whole images, or row by row for ``row_wise`` layouts.
+
+    For a row-wise multi-view layer (a query of image i's row y attends only to row y of each image:
+    MV-Adapter) the candidate matches of a token are the ``w`` tokens of the same row of each target image:
+    every row is matched on its own (grid ``(1, w)``: the softmax, the dual softmax's column normaliser,
+    the window confidence and the mutual check all stay inside the row). The returned indices are row-major
+    indices into the full ``(h, w)`` grid, so matches always lie on the source token's row.
+
+    Args:
+        q_src: ``(heads, h*w, d)``; k_tgt: ``(heads, T, h*w, d)``; grid: ``(h, w)``; options: those of
+            :func:`match_views`.
+
+    Returns:
+        :class:`TokenMatches` with fields of shape ``(H', T, h*w)``.
+    """
+    if not row_wise:
+        return match_views(q_src, k_tgt, grid, **options)
+    _check_qk(q_src, k_tgt, grid, options.get("scale", 1.0))
+    h, w = int(grid[0]), int(grid[1])
+    H, N, d = q_src.shape
+    T = k_tgt.shape[1]
+    opts = dict(options)
+    opts.pop("workspace", None)
+    if opts.get("heads", "per_head") == "per_head":
+        # rows are independent: fold them into the head dimension, one call for all rows
+        q_rows = q_src.reshape(H, h, w, d).reshape(H * h, w, d)
+        k_rows = k_tgt.reshape(H, T, h, w, d).transpose(1, 2).reshape(H * h, T, w, d)
+        m = match_views(q_rows, k_rows, (1, w), **opts)  # (H*h, T, w)
+
+        def unfold(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(H, h, T, w).transpose(1, 2).reshape(H, T, N)
+
+        offset = (torch.arange(h, device=q_src.device) * w).repeat_interleave(w)
+        return TokenMatches(unfold(m.index) + offset, unfold(m.confidence), unfold(m.kept))
+    parts = [
+        match_views(q_src[:, y * w:(y + 1) * w], k_tgt[:, :, y * w:(y + 1) * w], (1, w), **opts) for y in range(h)
+    ]
+    return TokenMatches(
+        torch.cat([p.index + y * w for y, p in enumerate(parts)], dim=-1),
+        torch.cat([p.confidence for p in parts], dim=-1),
+        torch.cat([p.kept for p in parts], dim=-1),
+    )
 
 
 def match_tokens(

@@ -17,6 +17,11 @@ Steps: a step is a run of denoiser calls with the same ``timestep`` value, count
 (a call without a timestep is a step of its own). Within a step only the first call of a layer is
 recorded (e.g. the positive-prompt call of a true-CFG pipeline that calls the denoiser twice).
 
+Row-wise layers (MV-Adapter's row-wise multi-view attention, ``call.layout.row_wise``): a token's
+candidates are the tokens of the same row of each other image, so matching runs row by row
+(:func:`corrlab.probing.matcher.match_layout`) and the record lists the layer in its ``row_wise_layers``
+attribute (the row constraint is exact epipolar geometry only for orthographic views at elevation 0).
+
 Batch: with classifier-free guidance a pipeline batches the conditional and unconditional branches.
 ``batch_index=None`` picks the conditional one: index 0 for corrlab's pipeline (``[cond, uncond]``), and
 for a diffusers pipeline whose ``do_classifier_free_guidance`` is true the first element of the second
@@ -29,7 +34,7 @@ from typing import Any, Iterator, Sequence
 
 
 from ..errors import CorrlabError, ValueRangeError, describe
-from .matcher import MATCHING_DEFAULTS, HistoryMax, Workspace, check_matching_options, match_views
+from .matcher import MATCHING_DEFAULTS, HistoryMax, Workspace, check_matching_options, match_layout
 from .record import ProbeRecord, RecordBuilder
 from .taps import AttentionCall, AttentionTaps, list_layers
 
@@ -92,12 +97,13 @@ class ProbeRecorder:
         layout = call.layout
         num_images, num_heads = q.shape[0], q.shape[1]
         hp = num_heads if self.matching["heads"] == "per_head" else 1
-        self.builder.add_layer(call.layer, layout.grid, hp, layout.token_centres(), layout.image_size)
+        self.builder.add_layer(call.layer, layout.grid, hp, layout.token_centres(), layout.image_size,
+                               row_wise=layout.row_wise)
         k_heads = k.transpose(0, 1)  # (heads, V, N, d)
         for i in range(num_images):
             tgts = [j for j in range(num_images) if j != i]
-            m = match_views(q[i], k_heads[:, tgts], layout.grid, scale=call.scale, workspace=self.workspace,
-                            **self.matching)
+            m = match_layout(q[i], k_heads[:, tgts], layout.grid, row_wise=layout.row_wise, scale=call.scale,
+                             workspace=self.workspace, **self.matching)
             self.builder.add(call.layer, step, call.timestep, i, tgts, m.index, m.confidence, m.kept, num_images)
         return None
 

@@ -61,6 +61,7 @@ class RecordBuilder:
         self.batch_index = batch_index if isinstance(batch_index, str) else int(batch_index)
         self.num_images: int | None = None
         self.layers: dict[str, _LayerEntry] = {}
+        self.row_wise_layers: list[str] = []
         self.timesteps: dict[int, float] = {}
         self.version = 0  # bumped on every change, so a cached Dataset knows it is stale
 
@@ -70,10 +71,13 @@ class RecordBuilder:
         return sum(a.nbytes for e in self.layers.values() for arrays in e.steps.values() for a in arrays)
 
     def add_layer(self, name: str, grid: tuple[int, int], num_heads: int, centres: torch.Tensor | np.ndarray,
-                  image_size: tuple[int, int]) -> None:
-        """Register a layer: ``grid (h, w)``, ``H'`` matched heads, token ``centres (h*w, 2)`` pixels."""
+                  image_size: tuple[int, int], row_wise: bool = False) -> None:
+        """Register a layer: ``grid (h, w)``, ``H'`` matched heads, token ``centres (h*w, 2)`` pixels;
+        ``row_wise``: the layer attends row by row (matches lie on the source row)."""
         if name in self.layers:
             return
+        if row_wise:
+            self.row_wise_layers.append(name)
         centres = np.asarray(torch.as_tensor(centres, dtype=torch.float64).cpu())
         if centres.shape != (grid[0] * grid[1], 2):
             raise ShapeError(f"centres: expected shape ({grid[0] * grid[1]}, 2) for grid {grid}, got {describe(centres)}")
@@ -175,6 +179,10 @@ class RecordBuilder:
             "image_width": int(size[1]),
             "batch_index": self.batch_index,
         }
+        if self.row_wise_layers:
+            # matches of these layers lie on the source token's row by construction; the row is the
+            # epipolar line only for orthographic views at elevation 0 (MV-Adapter's setting)
+            base["row_wise_layers"] = json.dumps(self.row_wise_layers)
         return xr.Dataset(data, coords=coords, attrs={**base, **attrs})
 
 

@@ -11,13 +11,21 @@ Conventions (shared with :mod:`corrlab.metrics`):
 * Heads are pooled: with per-head matching each (head, token) is one match (pass ``by_head=True`` for a
   ``head`` column). For a count comparable to a keypoint matcher, match with ``heads="mean"``.
 * ``precision = n_correct / n_matches``, NaN when there are no matches.
+* Row-wise layers (a record's ``row_wise_layers``: MV-Adapter's row-wise multi-view attention) can only
+  match within the source row. The row is the epipolar line only for orthographic views at elevation 0;
+  for any other cameras their precision measures the model's built-in row assumption as much as its
+  correspondences. :func:`score_record` warns (``RowConstraintWarning``) when it scores such a layer
+  under cameras that are not orthographic-like at elevation 0, and ``df.attrs["row_wise_layers"]``
+  lists them.
 
 Tables are long (one row per group x threshold) and plot with seaborn in one line, e.g.
 ``sns.lineplot(df, x="threshold", y="precision", hue="method")``.
 """
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,6 +40,7 @@ from .record import ProbeRecord
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "RowConstraintWarning",
     "score_record",
     "score_token_matches",
     "score_controls",
@@ -193,7 +202,38 @@ def score_record(
         frames.append(_rows(keys, n, correct, th)[keep])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     df["kind"] = kind
+    row_wise = json.loads(ds.attrs.get("row_wise_layers", "[]"))
+    if row_wise:
+        df.attrs["row_wise_layers"] = row_wise
+        if not _rows_are_epipolar(cams):
+            warnings.warn(
+                f"layers {row_wise} attend row by row, so their matches lie on the source row; the row is the "
+                f"epipolar line only for orthographic views at elevation 0, which these cameras are not",
+                RowConstraintWarning, stacklevel=2,
+            )
     return df
+
+
+class RowConstraintWarning(UserWarning):
+    """A row-wise layer was scored under cameras whose epipolar lines are not the image rows."""
+
+
+def _rows_are_epipolar(cameras, tol_deg: float = 1.0) -> bool:
+    """Whether image rows are epipolar lines: orthographic cameras sharing one "down" axis (the first
+    camera's) with optical axes perpendicular to it (an orbit at elevation 0), within ``tol_deg``.
+    Perspective views at elevation 0 fail: there only the horizon row is an epipolar line."""
+    try:
+        Rs = [np.asarray(c.R, dtype=np.float64) for c in cameras]
+        rows = [(float(c.K[1, 1]), float(c.K[1, 2]), float(c.t[1])) for c in cameras]  # y = fy (R[1].X + t_y) + cy
+    except (AttributeError, TypeError, IndexError):
+        return False
+    up = Rs[0][1]  # the first camera's image "down" axis in world coordinates
+    for R, row in zip(Rs, rows):
+        if abs(float(np.dot(R[2], up))) > np.sin(np.radians(tol_deg)) or float(np.dot(R[1], up)) < 1 - 1e-3:
+            return False
+        if not np.allclose(row, rows[0], rtol=1e-6, atol=1e-6):
+            return False
+    return all(getattr(c, "model", "perspective") == "orthographic" for c in cameras)
 
 
 def score_token_matches(

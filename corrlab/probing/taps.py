@@ -52,7 +52,8 @@ __all__ = [
 class AttentionCall:
     """One call of one multi-image attention layer (tensors are views into the model's own).
 
-    ``q``, ``k``, ``v``, ``out``: ``(B, V, heads, h*w, d)`` image tokens only; ``scale``: the softmax scale
+    ``q``, ``k``, ``v``, ``out``: ``(B, V, heads, h*w, d)`` image tokens only (views of the kernel's tensors;
+    copies for row-wise layouts, whose rows sit in separate kernel entries); ``scale``: the softmax scale
     the kernel applies; ``call_index``: how many denoiser forward calls happened before this one inside
     the taps context; ``timestep``: the denoiser's ``timestep`` argument as a float (None when absent or
     when its entries differ).
@@ -80,10 +81,19 @@ class LayerInfo:
     head_dim: int
 
 
+def _num_heads(module: Any) -> int:
+    spec = interception.projection_spec(module)
+    return spec.num_heads(module) if spec is not None else int(module.heads)
+
+
 def _head_dim(module: Any) -> int:
     d = getattr(module, "head_dim", None)
     if isinstance(d, int):
         return d
+    spec = interception.projection_spec(module)
+    if spec is not None:
+        q = interception._submodule(module, spec.q)
+        return int(getattr(q, "out_features")) // spec.num_heads(module)
     return int(module.inner_dim // module.heads)
 
 
@@ -130,7 +140,8 @@ class _DenoiserWatch:
         except TypeError as e:
             raise CorrlabError(f"{type(module).__name__}.forward: arguments do not match its signature ({e})") from None
         layout = self.denoiser.family.read_forward(module, arguments)
-        self.current = _ForwardState(layout, self.counter.calls, _timestep_value(arguments.get("timestep")))
+        t = arguments.get(getattr(self.denoiser.family, "timestep_argument", "timestep"))
+        self.current = _ForwardState(layout, self.counter.calls, _timestep_value(t))
         self.counter.calls += 1
 
     def _after(self, module, args, output):
@@ -158,19 +169,24 @@ class _Tap:
                 f"layers: {self.entry.name!r} ran outside a forward call of its denoiser "
                 f"({type(self.watch.denoiser.module).__name__}); call the denoiser (or pipeline), not the layer"
             )
-        if k.shape[:3] != q.shape[:3] or v.shape[:3] != q.shape[:3]:
+        if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
             raise ShapeError(
                 f"layers: {self.entry.name!r} is not a self-attention kernel call: q {describe(q)}, k {describe(k)}, "
                 f"v {describe(v)}"
             )
         tokens: ImageTokens = self.entry.family.image_tokens(
-            state.layout, q, call.group_size, self.image_scale, self.entry.kind
+            state.layout, q, call.group_size, self.image_scale, self.entry.kind, k
         )
+        if k.shape[2] != q.shape[2] and tokens.images_in != "rows":
+            raise ShapeError(
+                f"layers: {self.entry.name!r} is not a self-attention kernel call: q {describe(q)}, k {describe(k)}, "
+                f"v {describe(v)}"
+            )
         record = AttentionCall(
             layer=self.entry.name,
             q=tokens.select(q),
-            k=tokens.select(k),
-            v=tokens.select(v),
+            k=tokens.select_keys(k),
+            v=tokens.select_keys(v),
             out=tokens.select(out),
             scale=call.softmax_scale(q.shape[-1]),
             layout=tokens.layout,
@@ -188,7 +204,7 @@ class _Tap:
                 f"{self.entry.name!r}, got {describe(replacement)}"
             )
         new_out = out.clone()
-        tokens.select(new_out).copy_(replacement)
+        tokens.scatter(new_out, replacement)
         return new_out
 
     def check_kernel_called(self, calls: int) -> None:
@@ -309,6 +325,6 @@ def list_layers(model_or_pipeline: Any, sample_inputs: Any = None) -> list[Layer
                 )
         grids.update({n: seen.get(n) for n in names})
     return [
-        LayerInfo(e.name, e.kind, grids[e.name], int(e.module.heads), _head_dim(e.module))
+        LayerInfo(e.name, e.kind, grids[e.name], _num_heads(e.module), _head_dim(e.module))
         for e in entries
     ]
