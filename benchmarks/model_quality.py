@@ -15,7 +15,7 @@
     truth of the same scene beside the controls "copy the reference view" and "mean image", with 95 %
     bootstrap CIs of the paired differences; SIFT epipolar precision of the (reference + generated) views
     under the true cameras vs another scene's cameras, beside the renders; native far-moving hits at
-    t = 0.5 (generated view -> reference view) with the best layer chosen on SEPARATE scenes, beside
+    t = 0.5 (generated view -> reference view) with the best finest-grid layer chosen on SEPARATE scenes, beside
     chance, same position, camera geometry only and appearance NN.
 Also writes a contact sheet (rendered | generated, same prompt and cameras) with --contact-sheet, and for
 (e) reference | generated | truth with --conditioned-sheet.
@@ -226,10 +226,14 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
     sel = pool_hits(native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 40_000, progress=True))
     ev_rows = native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 50_000, progress=True)
     ev = pool_hits(ev_rows)
-    far_sel = sel[(sel.subset == "far") & (sel.method == "native")]
+    # the paper's protocol: correspondences of the highest-resolution multi-image layers (a coarse grid makes
+    # "within 1 token" a larger pixel radius); among them the best is chosen on the selection scenes
+    finest = sel.grid.map(lambda g: int(g.split("x")[0]) * int(g.split("x")[1]))
+    far_sel = sel[(sel.subset == "far") & (sel.method == "native") & (finest == finest.max())]
     best = far_sel.loc[far_sel["share"].idxmax(), "layer"]
     far_ev = ev[ev.subset == "far"]
-    print(f"(e) native far-moving hits at t=0.5 (best layer chosen on separate scenes: {best})")
+    print(f"(e) native far-moving hits at t=0.5 (best finest-grid layer chosen on separate scenes: {best}; "
+          f"controls per layer at that layer's grid)")
     print(far_ev.pivot_table(index=["method"], columns=["layer"], values="share", sort=False).round(3).to_string())
     pick = far_ev[far_ev.layer == best].set_index("method")["share"]
     summary["cond_native_best_layer"] = best
