@@ -218,3 +218,20 @@ def test_cli_generate_with_reference(tmp_path, capsys):
                      "--reference", str(tmp_path / "truth"), "--reference-views", "5", "--out", str(tmp_path / "y")]) != 0
     assert "--reference-views: expected indices in [0, 3)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_shipped_image_conditioned_model_generates_from_a_reference():
+    """The shipped v2 weights (data/corrlab-mvunet-s) load as a MultiViewUNet and keep the given view."""
+    from corrlab.errors import WeightsNotFoundError
+    from corrlab.model import load_default
+
+    try:
+        pipe = load_default("corrlab-mvunet-s")
+    except WeightsNotFoundError:
+        pytest.skip("the v2 weights are not in data/ yet")
+    assert isinstance(pipe.model, MultiViewUNet) and pipe.supports_reference
+    truth = render_scene(1_000_123, 2, pipe.sample_size, "train")
+    mvs = pipe(truth.prompt, cameras=truth.cameras, reference={0: truth.images[0]}, num_inference_steps=2,
+               seed=0, progress=False)
+    assert torch.equal(mvs.images[0], truth.images[0])  # exact: the given view is copied through
+    assert mvs.images.shape == truth.images.shape and torch.isfinite(mvs.images).all()
