@@ -11,7 +11,6 @@ Items a dead worker had already committed stay: commits are atomic and independe
 from __future__ import annotations
 
 import os
-import time
 import traceback
 from collections import deque
 
@@ -138,7 +137,15 @@ class RayEngine:
             kwargs = {"include_dashboard": False, "log_to_driver": False, **self.init_kwargs}
             if self.address is not None:
                 kwargs["address"] = self.address
-            ray.init(**kwargs)
+            try:
+                ray.init(**kwargs)
+            except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for start-up failures
+                ray.shutdown()
+                where = f"the cluster at {self.address!r}" if self.address else "a local Ray cluster"
+                raise CorrlabError(
+                    f"address: could not start or reach {where} ({type(e).__name__}: {e}). On a heavily loaded "
+                    "machine the raylet can time out waiting for its agents: start one with `ray start --head "
+                    "--num-cpus N` and pass --address auto, or use --engine local") from e
             started = True
         try:
             self._run(ray, handle, list(items))
