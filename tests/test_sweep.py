@@ -258,6 +258,22 @@ def test_corrupted_and_half_written_items_are_detected_and_redone(local_store, t
     pd.testing.assert_frame_equal(_sorted_scores(open_sweep(out)), ref)
 
 
+def test_open_pads_items_with_different_view_counts(tmp_path):
+    spec = {"generation": {"prompts": ["red striped box"], "seeds": [3], "views": [2, 3], "num_steps": 1},
+            "probe": {"layers": ["blocks.0.attn"], "heads": "mean"}, "score": {"controls": []}}
+    h = sweep(spec, tmp_path / "s", threads=1, progress=False)
+    res = h.open()
+    ds = res.ds
+    assert ds.sizes["src"] == 3 and sorted(ds["views"].values.tolist()) == [2, 3]
+    assert ds["match_row"].dtype == np.int32 and ds["kept"].dtype == bool  # padding keeps the dtypes
+    small = ds.isel(item=int(np.argmax(ds["views"].values == 2)))
+    assert (small["match_row"].sel(src=2).values == -1).all() and not small["kept"].sel(tgt=2).values.any()
+    assert np.isnan(small["match_x"].sel(src=2).values).all()
+    rec = res.record(str(small["item"].values))
+    np.testing.assert_array_equal(small["match_row"].isel(src=slice(0, 2), tgt=slice(0, 2)).values,
+                                  rec.ds["match_row"].values)
+
+
 # ------------------------------------------------------------------------------------------ ray
 def test_ray_sweep_matches_local_engine(ray_cluster, local_store, spec_file, tmp_path):
     out = tmp_path / "ray"

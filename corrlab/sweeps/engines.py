@@ -192,7 +192,8 @@ class RayEngine:
                     ref = actors[wid].run.remote(item.key, item.config, item.labels)
                     inflight[ref] = (wid, item, attempt)
                     handle._set_worker(wid, key=item.key)
-                if pid_refs:
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                if pid_refs:  # which process each actor is (after the wait: known before its items finish)
                     ready_pids, _ = ray.wait(list(pid_refs), num_returns=len(pid_refs), timeout=0)
                     for r in ready_pids:
                         wid = pid_refs.pop(r)
@@ -200,7 +201,6 @@ class RayEngine:
                             handle._set_worker(wid, pid=ray.get(r))
                         except Exception:  # noqa: BLE001 - a dead actor: its run() call reports it
                             pass
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
                 for ref in ready:
                     wid, item, attempt = inflight.pop(ref)
                     try:
