@@ -4,7 +4,9 @@ Runs the same sweep spec twice into fresh stores: ``engine="local"`` (this proce
 another, ``--local-threads`` torch threads, default 1) and ``engine="ray"`` with ``--workers`` actors
 (default 2, one CPU and one torch thread each). The Ray cluster is started first and not timed (in real
 use it is already running); actor start-up and model loading are timed, as is the local engine's model
-loading: each figure is ``items / wall seconds of sweep() x 60``. The two stores must hold the same scores
+loading: each figure is ``items / wall seconds of sweep() x 60``. The steady-state figures count the
+items finished after each engine's first one, over the time between the first and the last (start-up
+excluded: what a long sweep approaches). The two stores must hold the same scores
 (same computation on the CPU: checked exactly), else the benchmark fails.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sweep_throughput.py                     # examples/sweep_small.toml
@@ -24,6 +26,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _steady(handle) -> float:
+    """Items per minute between the first and the last finished item (start-up excluded)."""
+    times = sorted(e["time"] for e in handle.events if e["status"] == "done")
+    return (len(times) - 1) / (times[-1] - times[0]) * 60 if len(times) > 1 and times[-1] > times[0] else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     b = h_ray.open().scores.sort_values(cols).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
     print("scores identical between the engines", flush=True)
+    steady = {name: _steady(h) for name, h in (("local", h_local), ("ray", h_ray))}
+    print(f"steady state (after each engine's first finished item, start-up excluded): local "
+          f"{steady['local']:.2f}, ray {steady['ray']:.2f} items/min", flush=True)
     summary = {
         "items": n,
         "local_items_per_min": round(n / local_s * 60, 2),
         "ray_workers": args.workers,
         "ray_items_per_min": round(n / ray_s * 60, 2),
         "ratio": round(local_s / ray_s, 3),
+        "steady_local_items_per_min": round(steady["local"], 2),
+        "steady_ray_items_per_min": round(steady["ray"], 2),
+        "steady_ratio": round(steady["ray"] / steady["local"], 3),
         "local_s": round(local_s, 1),
         "ray_s": round(ray_s, 1),
         "cpus": os.cpu_count(),
