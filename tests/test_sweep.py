@@ -85,7 +85,7 @@ def local_store(spec_file, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "corrlab.cli", "sweep", str(spec_file), "--out", str(out),
                              "--threads", "1", "--no-progress"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     frag = out / "manifest"
     while time.time() < deadline and proc.poll() is None:
         if frag.is_dir() and len(list(frag.glob("*.parquet"))) >= 4:
