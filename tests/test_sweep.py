@@ -139,6 +139,7 @@ def test_spec_expands_to_hashed_items(spec_file):
     (lambda s: s["generation"].update(prompts=[]), "generation.prompts", "non-empty list"),
     (lambda s: s["generation"].update(models="no/such/model"), "generation.models", "existing model folder"),
     (lambda s: s["generation"].update(views=[1]), "generation.views", "ints >= 2"),
+    (lambda s: s["generation"].update(layouts=["spiral"]), "generation.layouts", "camera layouts"),
     (lambda s: s["probe"].update(layers=["blocks.99.attn"]), "probe.layers", "layers of model"),
     (lambda s: s["probe"].update(steps=[5]), "probe.steps", "< generation.num_steps"),
     (lambda s: s["probe"].update(heads="all"), "probe.heads", "per_head"),
@@ -214,7 +215,8 @@ def test_open_sweep_lazy_labelled_dataset_and_tidy_table(local_store):
     # the score table: tidy, labelled, and the native rows are the record's scores
     sc = res.scores
     assert set(sc["key"]) == set(res.keys)
-    assert {"prompt", "seed", "views", "intervention", "intervention_eta", "method", "layer", "step", "threshold",
+    assert set(ds["layout"].values) == {"train"}
+    assert {"prompt", "seed", "views", "layout", "intervention", "intervention_eta", "method", "layer", "step", "threshold",
             "precision", "n_correct", "n_matches"} <= set(sc.columns)
     mine = sc[(sc["key"] == k) & (sc["method"] == "native")].sort_values(["step", "src", "tgt", "threshold"])
     ref = corrlab.score_record(rec, thresholds=[2, 5, 10]).sort_values(["step", "src", "tgt", "threshold"])

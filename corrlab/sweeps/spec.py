@@ -7,7 +7,8 @@ Why TOML: ``tomllib`` is in the standard library (3.11; ``tomli`` on 3.10), its 
     models    = "corrlab-mvdit-s" # model folder or name under data/ (relative paths: from the spec file)
     prompts   = ["red striped box", "blue dotted sphere"]
     seeds     = [0, 1]
-    views     = [2, 4]            # cameras from the training layout of the seed ...
+    views     = [2, 4]            # cameras drawn from the seed ...
+    layouts   = "train"           # ... in these layouts (corrlab.scenes.sample_cameras: train, even, random)
     # cameras = ["a/cameras.json"]  ... or fixed cameras.json files (not both)
     num_steps = 4
     guidance  = 3.0
@@ -54,7 +55,7 @@ __all__ = ["SweepSpec", "SweepItem", "load_spec", "ITEM_FORMAT_VERSION"]
 ITEM_FORMAT_VERSION = 1
 
 _SECTIONS = ("generation", "probe", "score", "interventions")
-_GENERATION_KEYS = ("models", "prompts", "seeds", "views", "cameras", "num_steps", "guidance")
+_GENERATION_KEYS = ("models", "prompts", "seeds", "views", "layouts", "cameras", "num_steps", "guidance")
 _PROBE_KEYS = ("layers", "steps", "similarity", "heads", "confidence", "threshold", "window_radius", "mutual",
                "chunk_size", "history", "batch_index")
 _SCORE_KEYS = ("thresholds", "kind", "kept_only", "controls", "baselines")
@@ -109,8 +110,9 @@ class SweepSpec:
     def items(self) -> list["SweepItem"]:
         """Every item of the sweep, in a stable order (grouped by model)."""
         g = self.generation
-        layouts = ([{"views": v, "cameras": None} for v in g["views"]] if g["cameras"] is None
-                   else [{"views": len(c["views"]), "cameras": c} for c in g["cameras"]])
+        layouts = ([{"views": v, "layout": lay, "cameras": None} for v in g["views"] for lay in g["layouts"]]
+                   if g["cameras"] is None
+                   else [{"views": len(c["views"]), "layout": None, "cameras": c} for c in g["cameras"]])
         out, seen = [], set()
         for model, prompt, seed, layout, steps, guidance in itertools.product(
                 g["models"], g["prompts"], g["seeds"], layouts, g["num_steps"], g["guidance"]):
@@ -118,7 +120,7 @@ class SweepSpec:
                 config = {
                     "format": ITEM_FORMAT_VERSION,
                     "model": {"label": model, "sha256": self.models[model]["sha256"], "path": self.models[model]["path"]},
-                    "prompt": prompt, "seed": seed, "views": layout["views"],
+                    "prompt": prompt, "seed": seed, "views": layout["views"], "layout": layout["layout"],
                     "cameras": copy.deepcopy(layout["cameras"]), "num_steps": steps, "guidance": guidance,
                     "probe": self.probe, "score": self.score, "intervention": iv,
                 }
@@ -127,6 +129,7 @@ class SweepSpec:
                     continue
                 seen.add(key)
                 labels = {"model": model, "prompt": prompt, "seed": seed, "views": layout["views"],
+                          "layout": layout["layout"],
                           "cameras": None if layout["cameras"] is None else layout["cameras"]["source"],
                           "num_steps": steps, "guidance": guidance, "intervention": iv["name"]}
                 labels.update({f"intervention_{k}": v for k, v in iv.items() if k != "name"})
@@ -259,14 +262,19 @@ def _generation(t: dict, base: Path) -> dict:
         "guidance": _axis(t, "generation", "guidance", _num(0.0), "numbers >= 0 (guidance scale)",
                           default=[DEFAULT_GUIDANCE]),
     }
-    if "views" in t and "cameras" in t:
-        raise SpecError("sweep spec: generation.views, generation.cameras: expected one of them (view counts or "
-                        "cameras.json files), got both")
+    both = [k for k in ("views", "layouts") if k in t]
+    if both and "cameras" in t:
+        raise SpecError(f"sweep spec: generation.{both[0]}, generation.cameras: expected one of them (view counts "
+                        "and layouts, or cameras.json files), got both")
     if "cameras" in t:
         files = _axis(t, "generation", "cameras", _str, "paths of cameras.json files (or set folders)")
-        g["views"], g["cameras"] = None, [_cameras(f, base) for f in files]
+        g["views"], g["layouts"], g["cameras"] = None, None, [_cameras(f, base) for f in files]
     else:
+        from ..scenes.cameras import LAYOUTS
+
         g["views"] = _axis(t, "generation", "views", _int(2), "ints >= 2 (views per generation)", default=[4])
+        g["layouts"] = _axis(t, "generation", "layouts", lambda x: x if x in LAYOUTS else None,
+                             f"camera layouts from {list(LAYOUTS)}", default=["train"])
         g["cameras"] = None
     return g
 

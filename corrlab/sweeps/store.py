@@ -209,7 +209,7 @@ def _fragment_bytes(key: str, labels: dict, scores: pd.DataFrame) -> bytes:
     front = {"key": key, **labels}
     for i, (k, v) in enumerate(front.items()):
         df.insert(i, k, [v] * len(df))
-    for c in ("layer", "note", "kind", "method", "prompt", "model", "intervention", "cameras"):
+    for c in ("layer", "note", "kind", "method", "prompt", "model", "intervention", "cameras", "layout"):
         if c in df.columns:
             df[c] = df[c].astype(object).where(df[c].notna(), None)
             df[c] = df[c].map(lambda x: None if x is None else str(x))

@@ -95,6 +95,11 @@ class ItemRunner:
         if config["cameras"] is not None:
             cameras = [Camera.from_dict(v) for v in config["cameras"]["views"]]
             size = int(config["cameras"]["size"])
+        else:  # the pipeline's own default is layout "train" with the same seed and size
+            from ..scenes import sample_cameras
+
+            cameras = sample_cameras(int(config["seed"]), int(config["views"]), pipe.sample_size,
+                                     layout=config["layout"])
         p = config["probe"]
         matching = {k: p[k] for k in ("similarity", "heads", "confidence", "threshold", "window_radius", "mutual",
                                       "chunk_size")}
