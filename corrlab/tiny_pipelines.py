@@ -152,7 +152,7 @@ def _sd_parts(seed: int):
         norm_num_groups=4, sample_size=16,
     ))
     clip, tok = _clip(seed + 2)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
                               set_alpha_to_one=False)
     return dict(vae=vae, text_encoder=clip, tokenizer=tok, unet=unet, scheduler=scheduler)
 
