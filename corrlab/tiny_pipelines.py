@@ -167,7 +167,7 @@ def tiny_sd(seed: int = 0):
 
 def tiny_unet_mv(seed: int = 0, num_views: int = 4):
     """corrlab's :class:`~corrlab.pipelines.MultiViewUNetPipeline` (views = batch entries, ``num_views`` each)."""
-    from .pipelines import MultiViewUNetPipeline
+    from .multiview_unet import MultiViewUNetPipeline
 
     return MultiViewUNetPipeline(**_sd_parts(seed), num_views=num_views)
 

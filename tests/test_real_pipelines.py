@@ -245,3 +245,64 @@ def test_segment_transport_through_the_velocity_adapters_matches_the_pipeline(pi
     assert not torch.allclose(full.x_a, ind.x_a, atol=1e-4)  # the joint segment couples the endpoints
     same = segment_transport(fn, noise, cond_a, cond_a, sigmas, mode="full", k=3, progress=False)
     assert torch.equal(same.x_a, same.x_b)  # identical conditions: the segment stays a point
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_probe_and_score_a_video_pipeline_folder(tiny_pipeline_dir, tmp_path, capsys):
+    from corrlab.cli import main
+    from corrlab.pipelines import load_pipeline_output
+
+    out = tmp_path / "wan_probe"
+    argv = ["probe", "--model", str(tiny_pipeline_dir["wan"]), "--prompt", PROMPT, "--seed", "1", "--num-steps", "2",
+            "--height", "64", "--width", "64", "--frames", "9", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    frames, header = load_pipeline_output(out)
+    assert header["pipeline"] == "WanPipeline" and header["kind"] == "video"
+    assert frames.shape == (9, 3, 64, 64) and header["record_frames"] == [0, 4, 8]
+    rec = corrlab.ProbeRecord.load(out / "record.nc")
+    assert rec.num_images == 3 and rec.steps == [0, 1] and rec.seed == 1
+    capsys.readouterr()
+    assert main(["score", str(out), "--json", "--thresholds", "2", "8"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # one row per (layer, step, ordered frame pair, threshold), frames named by their video index
+    assert len(rows) == 2 * 2 * 6 * 2
+    assert {(r["src"], r["tgt"]) for r in rows} == {(a, b) for a in (0, 4, 8) for b in (0, 4, 8) if a != b}
+    for r in rows:
+        assert r["kind"] == "flow" and 0 <= r["n_correct"] <= r["n_matches"] <= 16 * 2  # 4 x 4 tokens, 2 heads
+        assert r["n_matches"] == 0 or r["precision"] == pytest.approx(r["n_correct"] / r["n_matches"])
+    by_t = {}
+    for r in rows:  # more pixels of tolerance never score fewer correct matches
+        by_t.setdefault((r["layer"], r["step"], r["src"], r["tgt"]), {})[r["threshold"]] = r["n_correct"]
+    assert all(v[2.0] <= v[8.0] for v in by_t.values())
+
+
+def test_cli_generate_with_a_pipeline_folder_and_corr_adapter(tiny_pipeline_dir, tmp_path, capsys):
+    from corrlab.cli import main
+    from corrlab.pipelines import load_pipeline_output
+
+    common = ["--model", str(tiny_pipeline_dir["flux"]), "--prompt", PROMPT, "--steps", "2", "--views", "2",
+              "--height", "32", "--width", "32", "--no-progress"]
+    assert main(["generate", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["generate", *common, "--corr-adapter", "--eta", "1", "--active-steps", "0",
+                 "--out", str(tmp_path / "off")]) == 0
+    plain, h_plain = load_pipeline_output(tmp_path / "plain")
+    off, h_off = load_pipeline_output(tmp_path / "off")
+    assert plain.shape == (2, 3, 32, 32) and h_plain["pipeline"] == "FluxPipeline"
+    assert h_off["corr_adapter"]["eta"] == 1.0 and h_off["corr_adapter"]["layers"] == ["single_transformer_blocks.0.attn"]
+    assert torch.equal(plain, off)  # eta = 1: the saved images are identical
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "plain"), "--json"]) == 2  # images without cameras: a clear error
+    assert "no cameras" in capsys.readouterr().err
+
+
+def test_cli_rejects_an_unsupported_pipeline_folder(tiny_pipeline_dir, tmp_path, capsys):
+    from corrlab.cli import main
+
+    folder = tmp_path / "xl"
+    shutil.copytree(tiny_pipeline_dir["sd"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert main(["probe", "--model", str(folder), "--prompt", PROMPT, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "StableDiffusionXLPipeline" in err and "supported" in err and "custom attention modules" in err

@@ -19,8 +19,14 @@ def register(subparsers) -> None:
     p.add_argument("--views", type=int, default=4, help="number of views when --cameras is not given")
     p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model)")
+    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model), or a "
+                   "diffusers pipeline folder (or cached hub id) of a supported type: WanPipeline, FluxPipeline, "
+                   "StableDiffusionPipeline, MultiViewUNetPipeline")
     p.add_argument("--cameras", help="cameras.json of a corrlab set: generate under those cameras")
+    dp = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR)")
+    dp.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    dp.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    dp.add_argument("--frames", type=int, help="video frames (WanPipeline; default: the pipeline's)")
     p.add_argument("--out", required=True, help="output set directory")
     p.add_argument("--no-progress", action="store_true")
     ca = p.add_argument_group("CorrAdapter", "training-free native-correspondence aggregation (methods.md section 2)")
@@ -70,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.views < 1:
         raise CorrlabError(f"--views: expected a positive number of views, got {args.views}")
+    from ..pipelines import pipeline_source, run_pipeline_command
+
+    if pipeline_source(args.model) is not None:
+        return run_pipeline_command(args, record=False)
+    for flag in ("height", "width", "frames"):
+        if getattr(args, flag) is not None:
+            raise CorrlabError(f"--{flag}: only for a diffusers pipeline --model, got it with the embedded model")
     pipe = load_default(args.model)
     cameras, size = (None, None)
     if args.cameras:
