@@ -329,7 +329,8 @@ def run_pipeline_command(args: Any, record: bool) -> int:
     if getattr(args, "cameras", None):
         raise CorrlabError("--cameras: diffusers pipelines are not camera-conditioned; expected no --cameras with a pipeline --model")
     source = pipeline_source(args.model)
-    pipe = load_pipeline(source)
+    cuda = torch.cuda.is_available()  # a GPU when there is one, in bfloat16 (the weights' usual dtype)
+    pipe = load_pipeline(source, torch_dtype=torch.bfloat16 if cuda else None, device="cuda" if cuda else None)
     pipe.set_progress_bar_config(disable=bool(args.no_progress))
     kind = check_supported(pipe)
     steps = getattr(args, "num_steps", None) if record else getattr(args, "steps", None)

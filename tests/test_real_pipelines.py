@@ -161,6 +161,11 @@ def test_probe_through_the_pipeline_call_records_every_layer_and_step(pipes, kin
     if kind == "flux":
         expected = expected / 1000.0  # the Flux pipeline passes timestep / 1000 to its transformer
     np.testing.assert_allclose(ds["timestep"].values, expected, rtol=1e-6)  # float32 round trip
+    # memory the record adds (README, GPU recipe): 9 bytes (int32 match, float32 confidence, bool kept) per
+    # source token, target image and matched head, i.e. 9 V H' bytes per token of the layer, per recorded step
+    tokens = {name: rec.num_images * grid[0] * grid[1] for name, grid in layers.items()}
+    heads = dict(zip(rec.layers, ds["num_heads"].values.tolist()))
+    assert rec.nbytes == sum(9 * rec.num_images * heads[n] * tokens[n] * len(rec.steps) for n in rec.layers)
 
 
 @pytest.mark.parametrize("kind", ["sd", "unet_mv"])
