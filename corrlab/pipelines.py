@@ -102,20 +102,20 @@ def _pipeline_class(name: str):
     return getattr(diffusers, name)
 
 
-def _local_folder(path_or_hub_id: str) -> Path | None:
+def _local_folder(path_or_hub_id: str, cache_dir: Any = None) -> Path | None:
     p = Path(path_or_hub_id).expanduser()
     if p.is_dir():
         return p
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path_or_hub_id), local_files_only=True))
+        return Path(snapshot_download(str(path_or_hub_id), local_files_only=True, cache_dir=cache_dir))
     except Exception:  # not in the cache (LocalEntryNotFoundError), or not a valid id
         return None
 
 
 def load_pipeline(path_or_hub_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                  device: str | torch.device | None = None, **kwargs: Any):
+                  device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None, **kwargs: Any):
     """A supported diffusers pipeline from a local folder, or from the local Hugging Face cache by hub id.
 
     Never downloads (``local_files_only=True``). The class comes from the folder's ``model_index.json``
@@ -126,6 +126,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, torch_dtype: torch.dtype
             or a hub id such as ``"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"`` already in the local cache.
         torch_dtype: dtype of the weights (default: as saved).
         device: move the pipeline there after loading (default: stay on the CPU).
+        cache_dir: the Hugging Face cache to look a hub id up in (default: the standard one, ``$HF_HUB_CACHE``).
         **kwargs: passed to the class's ``from_pretrained``.
 
     Raises:
@@ -136,7 +137,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, torch_dtype: torch.dtype
     if not isinstance(path_or_hub_id, (str, os.PathLike)) or not str(path_or_hub_id):
         raise CorrlabError(f"path_or_hub_id: expected a folder or a Hugging Face model id, got {describe(path_or_hub_id)}")
     name = str(path_or_hub_id)
-    folder = _local_folder(name)
+    folder = _local_folder(name, cache_dir)
     if folder is None:
         raise WeightsNotFoundError(
             f"path_or_hub_id: {name!r} is neither a local folder nor in the local Hugging Face cache, and corrlab "

@@ -90,13 +90,23 @@ def test_multiview_unet_pipeline_round_trips_its_views_and_processors(pipes):
         pipe(prompt=PROMPT, num_inference_steps=1, num_images_per_prompt=3, output_type="latent", height=16, width=16)
 
 
-def test_load_pipeline_never_downloads_and_says_how_to_get_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(WeightsNotFoundError, match="hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers"):
-        corrlab.load_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+def test_load_pipeline_never_downloads_and_says_how_to_get_weights(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="hf download corrlab-tests/no-such-pipeline"):
+        corrlab.load_pipeline("corrlab-tests/no-such-pipeline", cache_dir=tmp_path / "empty-cache")
     (tmp_path / "plain").mkdir()
     with pytest.raises(CorrlabError, match="model_index.json"):
         corrlab.load_pipeline(tmp_path / "plain")
+
+
+def test_load_pipeline_finds_a_hub_id_in_the_local_cache(tiny_pipeline_dir, tmp_path):
+    """The Hugging Face cache layout (models--owner--name/snapshots/REV, refs/main): found offline by id."""
+    repo = tmp_path / "hub" / "models--corrlab-tests--tiny-sd"
+    rev = "0" * 40
+    shutil.copytree(tiny_pipeline_dir["sd"], repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    pipe = corrlab.load_pipeline("corrlab-tests/tiny-sd", cache_dir=tmp_path / "hub")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
 def test_unsupported_pipeline_type_names_the_supported_ones_and_the_extension_point(tmp_path, tiny_pipeline_dir):
