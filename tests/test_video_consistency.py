@@ -48,7 +48,7 @@ def test_flow_table_equals_the_rendered_motion(video):
         truth = flow.mean(0)
         assert np.linalg.norm(truth) > 1.5  # the object moves (about 1.7 px per frame): a sign flip costs 3+ px
         # Mean object flow of the table vs the exact motion: DIS regularises near the silhouette and slightly
-        # underestimates there (measured 0.2 px at 128 px): 0.4 px tolerance per component.
+        # underestimates there (measured 0.22-0.24 px at 128 px): 0.4 px tolerance per component.
         assert abs(row.flow_dx - truth[0]) < 0.4 and abs(row.flow_dy - truth[1]) < 0.4, (row, truth)
         # per pixel: end-point error of the estimated flow at every truly visible object pixel
         est = optical_flow(video.images[row.src], video.images[row.tgt])
