@@ -27,6 +27,7 @@ _EXPORTS = {
     "segment_transport": ("corrlab.interventions", "segment_transport"),
     "generate_pair": ("corrlab.interventions", "generate_pair"),
     "load_default": ("corrlab.model", "load_default"),
+    "load_pipeline": ("corrlab.pipelines", "load_pipeline"),
     "CorrlabPipeline": ("corrlab.model", "CorrlabPipeline"),
     "MultiViewDiT": ("corrlab.model", "MultiViewDiT"),
     "Camera": ("corrlab.geometry", "Camera"),

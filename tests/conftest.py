@@ -10,3 +10,13 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """Complete tiny diffusers pipelines (Wan, Flux, SD, multi-view UNet) saved once per session:
+    ``{kind: folder}`` under a temporary directory (see corrlab.tiny_pipelines)."""
+    from corrlab.tiny_pipelines import build_tiny_pipelines
+
+    with torch.random.fork_rng(devices=[]):
+        return build_tiny_pipelines(tmp_path_factory.mktemp("tiny_pipelines"))

@@ -19,13 +19,19 @@ def register(subparsers) -> None:
     p.add_argument("--views", type=int, default=4, help="number of views when --cameras is not given")
     p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model)")
+    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model), or a "
+                   "diffusers pipeline folder (or cached hub id) of a supported type: WanPipeline, FluxPipeline, "
+                   "StableDiffusionPipeline, MultiViewUNetPipeline")
     p.add_argument("--cameras", help="cameras.json of a corrlab set: generate under those cameras")
     p.add_argument("--reference", metavar="SET_DIR",
                    help="image-conditioned generation: copy views --reference-views of this corrlab set as clean "
                    "references and generate the others (cameras from --cameras, else from SET_DIR)")
     p.add_argument("--reference-views", type=int, nargs="+", metavar="V",
                    help="indices of the given views (default: 0; needs --reference)")
+    dp = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR)")
+    dp.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    dp.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    dp.add_argument("--frames", type=int, help="video frames (WanPipeline; default: the pipeline's)")
     p.add_argument("--out", required=True, help="output set directory")
     p.add_argument("--no-progress", action="store_true")
     ca = p.add_argument_group("CorrAdapter", "training-free native-correspondence aggregation (methods.md section 2)")
@@ -78,6 +84,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.views < 1:
         raise CorrlabError(f"--views: expected a positive number of views, got {args.views}")
+    from ..pipelines import pipeline_source, run_pipeline_command
+
+    if pipeline_source(args.model) is not None:
+        if getattr(args, "reference", None):
+            raise CorrlabError("--reference: image-conditioned generation is for corrlab's embedded models, "
+                               "got it with a diffusers pipeline --model")
+        return run_pipeline_command(args, record=False)
+    for flag in ("height", "width", "frames"):
+        if getattr(args, flag) is not None:
+            raise CorrlabError(f"--{flag}: only for a diffusers pipeline --model, got it with the embedded model")
     pipe = load_default(args.model)
     cameras, size = (None, None)
     if args.cameras:
@@ -147,6 +163,8 @@ def _corr_adapter(args: argparse.Namespace, pipe):
     params = {k: v for k, v in (("eta", args.eta), ("radius", args.radius), ("refresh_every", args.refresh)) if v is not None}
     if args.active_steps is not None:
         params["active_steps"] = None if args.active_steps == 0 else args.active_steps
+    if getattr(args, "reference", None):
+        params["image_conditioned"] = True  # the paper's rule: every step when reference images condition
     preset = getattr(args, "preset", None)
     if preset is None:
         return CorrAdapterHandle(pipe, **params)

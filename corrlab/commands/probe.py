@@ -18,7 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--views", type=int, default=4, help="number of views when --cameras is not given (default 4)")
     p.add_argument("--num-steps", type=int, help="sampling steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model)")
+    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model), or a "
+                   "diffusers pipeline folder (or cached hub id) of a supported type: WanPipeline, FluxPipeline, "
+                   "StableDiffusionPipeline, MultiViewUNetPipeline")
     p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to probe (default: all multi-image layers)")
     p.add_argument("--steps", nargs="+", type=int, metavar="I", help="step indices to record (default: all)")
     g = p.add_argument_group("matching (defaults: the paper's)")
@@ -31,6 +33,10 @@ def register(subparsers) -> None:
     g.add_argument("--history", type=int, help="match with the max of q/k over the last N calls (SyncDreamer: 11)")
     g.add_argument("--chunk-size", type=int, default=256, help="source tokens per block (memory bound, 256)")
     g.add_argument("--batch-index", type=int, help="batch entry to record (default: the conditional branch)")
+    dp = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR)")
+    dp.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    dp.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    dp.add_argument("--frames", type=int, help="video frames (WanPipeline; default: the pipeline's)")
     p.add_argument("--out", required=True, help="output set directory")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -45,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.views < 1:
         raise CorrlabError(f"--views: expected a positive number of views, got {args.views}")
+    from ..pipelines import pipeline_source, run_pipeline_command
+
+    if pipeline_source(args.model) is not None:
+        return run_pipeline_command(args, record=True)
+    for flag in ("height", "width", "frames"):
+        if getattr(args, flag) is not None:
+            raise CorrlabError(f"--{flag}: only for a diffusers pipeline --model, got it with the embedded model")
     pipe = load_default(args.model)
     cameras, size = None, None
     if args.cameras:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 
 ROW_KEYS = ("method", "layer", "step", "threshold", "precision", "n_correct", "n_matches", "note")
+#: rows of a probed video (``corrlab probe --model WAN_PIPELINE``): per frame pair, scored against optical flow
+FLOW_ROW_KEYS = ("method", "layer", "step", "src", "tgt", "threshold", "precision", "n_correct", "n_matches",
+                 "n_flow_valid", "kind")
 
 
 def register(subparsers) -> None:
@@ -16,7 +19,10 @@ def register(subparsers) -> None:
         '{"method", "layer", "step", "threshold", "precision", "n_correct", "n_matches", "note"} '
         "(layer and step null except for method \"native\").",
     )
-    p.add_argument("dir", help="a set directory written by `corrlab probe` (holds record.nc)")
+    p.add_argument("dir", help="a set directory written by `corrlab probe` (holds record.nc); for a video probed "
+                   "through a diffusers pipeline (pipeline.json) the rows are frame-to-frame, scored against "
+                   "optical flow (keys method, layer, step, src, tgt, threshold, precision, n_correct, n_matches, "
+                   "n_flow_valid, kind)")
     p.add_argument("--record", help="record file (default: DIR/record.nc)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[1, 2, 5, 10], metavar="PX",
                    help="pixel thresholds (default 1 2 5 10)")
@@ -58,17 +64,42 @@ def score_dir(directory, record=None, thresholds=(1, 2, 5, 10), kind="symmetric"
     return df[list(ROW_KEYS)]
 
 
-def _json_rows(df) -> list[dict]:
+def score_pipeline_dir(directory, record=None, thresholds=(1, 2, 5, 10), kept_only=True):
+    """Frame-to-frame rows (:data:`FLOW_ROW_KEYS`) of a video probed through a diffusers pipeline: every
+    recorded (layer, step, src frame, tgt frame) against DIS optical flow between the frames the record's
+    latent frames stand for (see :func:`corrlab.video_consistency.score_record_flow`)."""
+    from pathlib import Path
+
+    from ..errors import CorrlabError
+    from ..pipelines import load_pipeline_output
+    from ..probing import ProbeRecord
+    from ..video_consistency import score_record_flow
+
+    frames, header = load_pipeline_output(directory)
+    if header.get("kind") != "video":
+        raise CorrlabError(
+            f"dir: {str(directory)!r} holds images of a {header.get('pipeline')} with no cameras; scoring needs "
+            f"cameras (a multi-view set) or a video (scored against optical flow)"
+        )
+    rec = ProbeRecord.load(record or Path(directory) / "record.nc")
+    picks = header.get("record_frames") or list(range(rec.num_images))
+    df = score_record_flow(rec, frames[picks], thresholds, kept_only=kept_only)
+    df["src"] = [picks[i] for i in df["src"]]  # video frame numbers
+    df["tgt"] = [picks[i] for i in df["tgt"]]
+    return df[list(FLOW_ROW_KEYS)]
+
+
+def _json_rows(df, keys=ROW_KEYS) -> list[dict]:
     import math
 
     rows = []
     for r in df.to_dict("records"):
         out = {}
-        for k in ROW_KEYS:
+        for k in keys:
             v = r[k]
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 out[k] = None
-            elif k in ("step", "n_correct", "n_matches"):
+            elif k in ("step", "n_correct", "n_matches", "src", "tgt", "n_flow_valid"):
                 out[k] = int(v)
             elif k in ("threshold", "precision"):
                 out[k] = float(v)
@@ -128,7 +159,20 @@ def format_table(df, top: int = 10) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
+    if (Path(args.dir) / "pipeline.json").is_file():
+        df = score_pipeline_dir(args.dir, args.record, args.thresholds, not args.all_matches)
+        if args.json:
+            print(json.dumps(_json_rows(df, FLOW_ROW_KEYS), indent=1))
+        else:
+            from ..probing import pool_scores
+
+            pooled = pool_scores(df).drop(columns=["n_pairs"])
+            print(pooled.to_string(index=False))
+            print("\nnative frame-to-frame matches vs DIS optical flow (forward-backward consistent tokens), "
+                  "pooled over frame pairs; --json gives one row per frame pair")
+        return 0
     df = score_dir(args.dir, args.record, args.thresholds, args.kind, not args.all_matches, args.controls,
                    args.baselines)
     if args.json:
