@@ -15,6 +15,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     p.add_argument("--steps", type=int, help="train up to this total step count (overrides the config)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="start from shipped weights (e.g. data/corrlab-mvunet-s): model and EMA weights and the step "
+                   "count come from the folder (its checkpoint.json), the optimiser starts fresh (warm-up again); "
+                   "how a new machine continues a run whose run folder is gone")
     p.add_argument("--no-eval", action="store_true", help="skip the native-correspondence tracking figure")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=run)
@@ -50,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
         return quick_native_eval(model, cfg, n_sets=cfg.eval_sets)
 
     trainer = Trainer(config, out, eval_fn=None if args.no_eval else eval_fn)
-    if args.resume:
+    if args.init_from:
+        if args.resume and trainer.checkpoint_dirs():
+            raise CorrlabError("--init-from: expected a run folder without checkpoints, got --resume with checkpoints")
+        trainer.init_from(args.init_from)
+        print(f"initialised from {args.init_from} at step {trainer.step}")
+    elif args.resume:
         resumed = trainer.resume()
         print(f"resumed at step {trainer.step}" if resumed else "no checkpoint found: starting from step 0")
     trainer.run(progress=not args.no_progress)

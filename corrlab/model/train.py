@@ -256,6 +256,7 @@ class Trainer:
         self.step = 0
         self.wall = 0.0
         self.cpu = 0.0  # CPU seconds of this process spent in training steps (all threads), over all resumes
+        self._warmup_from = 0  # the lr warm-up restarts here after init_from (fresh optimiser)
         self.eval_fn = eval_fn
 
     # ------------------------------------------------------------ checkpoints
@@ -294,11 +295,32 @@ class Trainer:
         self.cpu = float(state.get("cpu_s", 0.0))
         return True
 
+    def init_from(self, model_dir: str | os.PathLike) -> None:
+        """Load shipped weights (a :class:`CorrlabPipeline` folder written by :func:`export_pipeline`) into
+        the model AND its EMA; the step (and CPU seconds) come from its ``checkpoint.json``; the optimiser
+        state is not shipped, so it starts fresh (the lr warm-up runs again from that step)."""
+        d = Path(model_dir)
+        sub = d / "model" if (d / "model" / "config.json").is_file() else d
+        if not (sub / "config.json").is_file():
+            raise CorrlabError(f"init_from: expected a model folder with model/config.json, got {str(d)!r}")
+        cls = ARCHITECTURES[self.config.arch]
+        name = json.loads((sub / "config.json").read_text()).get("_class_name")
+        if name != cls.__name__:
+            raise CorrlabError(f"init_from: the run's arch is {cls.__name__} but {str(d)!r} holds a {name}")
+        state = cls.from_pretrained(sub, low_cpu_mem_usage=False).state_dict()
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(state)
+        info = json.loads((d / "checkpoint.json").read_text()) if (d / "checkpoint.json").is_file() else {}
+        self.step = int(info.get("step", 0))
+        self.wall = float(info.get("wall_s", 0.0))
+        self.cpu = float(info.get("cpu_s", 0.0))
+        self._warmup_from = self.step
+
     # ------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (warm-up, constant, optional linear decay)."""
         cfg = self.config
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        lr = cfg.lr * min(1.0, (step + 1 - self._warmup_from) / max(1, cfg.warmup_steps))
         if cfg.decay_steps > 0:
             left = (cfg.steps - step) / cfg.decay_steps
             lr *= min(1.0, max(cfg.final_lr_ratio, left))
