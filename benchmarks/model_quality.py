@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from corrlab.baselines import match_sift
+from corrlab.io_utils import atomic_write_bytes
 from corrlab.metrics import score_matches
 from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, MultiViewDiT, load_default
 from corrlab.model.adherence import dominant_colour_word
@@ -247,6 +247,16 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
         conditioned_sheet(sets, Path(sheet))
 
 
+def save_png(image, path: Path) -> None:
+    """Write a PIL image as PNG atomically (corrlab.io_utils), world-readable like the rest of ``data/``."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    os.chmod(path, 0o644)  # the temporary file of mkstemp is 0600
+
+
 def conditioned_sheet(sets, path: Path, rows: int = 8, scale: int = 2) -> None:
     """PNG: one row per scene: reference (view 0) | generated views 1.. | rendered truth of views 1.."""
     from PIL import Image, ImageDraw
@@ -269,12 +279,7 @@ def conditioned_sheet(sets, path: Path, rows: int = 8, scale: int = 2) -> None:
                 draw.text((x + 2, 0), ("reference", "generated", "truth")[k], fill="black")
             x += arr.shape[1] * scale + gap
         draw.text((4, 14 + r * H * scale + H * scale // 2 - 6), truth.prompt, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    sheet.save(tmp, format="PNG")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_png(sheet, path)
 
 
 # ------------------------------------------------------------------------------------------ sheet
@@ -296,12 +301,7 @@ def contact_sheet(rendered, generated, path: Path, rows: int = 8, scale: int = 2
         draw.text((4, r * H * scale + H * scale // 2 - 6), generated[r].prompt, fill="black")
     draw.text((label + 2, 0), "rendered", fill="black")
     draw.text((label + V * W * scale + gap + 2, 0), "generated", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    sheet.save(tmp, format="PNG")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-    os.replace(tmp, path)
+    save_png(sheet, path)
 
 
 # ------------------------------------------------------------------------------------------ main

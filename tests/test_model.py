@@ -12,6 +12,7 @@ from corrlab.model import CorrlabPipeline, MultiViewDiT, load_default, plucker_r
 from corrlab.model.dit import scene_vocabulary
 from corrlab.model.train import TrainConfig, Trainer, flow_matching_loss, render_batch
 from corrlab.scenes import sample_cameras
+from model_helpers import perturbed, random_inputs
 
 TINY = dict(sample_size=16, patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_ratio=2.0,
             prompt_dim=8, ray_freqs=2, scene_scale=1.0)
@@ -19,20 +20,11 @@ TINY = dict(sample_size=16, patch_size=4, hidden_size=32, num_layers=2, num_head
 
 def tiny_model(seed: int = 0) -> MultiViewDiT:
     torch.manual_seed(seed)
-    m = MultiViewDiT(**TINY)
-    # adaLN-zero starts with zero output: perturb every weight so the tests see a non-trivial function
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    return m.eval()
+    return perturbed(MultiViewDiT(**TINY))
 
 
 def inputs(B=2, V=3, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, V, 3, size, size, generator=g)
-    t = torch.rand(B, generator=g)
-    rays = torch.stack([plucker_ray_embeds(sample_cameras(seed + b, V, size, "train"), size, 4) for b in range(B)])
-    return x, t, rays
+    return random_inputs(B, V, size, seed, patch_size=4)
 
 
 def test_forward_shapes_and_bad_input():

@@ -10,11 +10,12 @@ import torch
 import corrlab
 from corrlab.cli import main as cli_main
 from corrlab.errors import CorrlabError, ShapeError
-from corrlab.model import CorrlabPipeline, MultiViewDiT, MultiViewUNet, plucker_ray_embeds
+from corrlab.model import CorrlabPipeline, MultiViewDiT, MultiViewUNet
 from corrlab.model.conditioned import native_hits, pool_hits, psnr, reconstruction, ssim
 from corrlab.model.train import TrainConfig, Trainer, flow_matching_loss, sample_given
-from corrlab.scenes import render_scene, sample_cameras
+from corrlab.scenes import render_scene
 from corrlab.sets import load_set, save_set
+from model_helpers import perturbed, random_inputs
 
 TINY_UNET = dict(sample_size=16, channels=[8, 16], attention_levels=[0, 1], stem=2, num_heads=2, prompt_dim=8,
                  ray_freqs=2)
@@ -22,20 +23,11 @@ TINY_UNET = dict(sample_size=16, channels=[8, 16], attention_levels=[0, 1], stem
 
 def tiny_unet(seed: int = 0) -> MultiViewUNet:
     torch.manual_seed(seed)
-    m = MultiViewUNet(**TINY_UNET)
-    # zero-initialised output convs: perturb every weight so the tests see a non-trivial function
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    return m.eval()
+    return perturbed(MultiViewUNet(**TINY_UNET))
 
 
 def unet_inputs(B=1, V=3, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, V, 3, size, size, generator=g)
-    t = torch.rand(B, generator=g)
-    rays = torch.stack([plucker_ray_embeds(sample_cameras(seed + b, V, size, "train"), size, 1) for b in range(B)])
-    return x, t, rays
+    return random_inputs(B, V, size, seed, patch_size=1)  # the UNet takes per-pixel rays
 
 
 def test_unet_forward_grids_and_bad_input():

@@ -97,28 +97,36 @@ def native_hits(model, n_sets: int = 16, t: float = 0.5, far_tokens: float = 2.0
             ds = rec.ds
             centre = torch.tensor(mvs.meta["scene"]["position"], dtype=torch.float64)
             x_noisy = (x.clamp(-1, 1) + 1) / 2
+            controls: dict[int, tuple] = {}  # per token size p: the queries and the controls (layers share grids)
             for layer in rec.layers:
                 h, w = rec.grid(layer)
                 p = size // h
-                q = token_queries(mvs, 1, 0, p)
-                if len(q.src_idx) == 0:
+                if p not in controls:
+                    q = token_queries(mvs, 1, 0, p)
+                    if len(q.src_idx) == 0:
+                        controls[p] = (q, None)
+                        continue
+                    src_pix = token_centres(size, size, p)[q.src_idx]
+                    controls[p] = (q, {
+                        "chance": chance_rate(q.gt_pix, p, h, w),
+                        "same position": hits(q.src_idx, q.gt_pix, p, h, w).double(),
+                        "camera geometry only": hits(
+                            pixel_to_index(geometry_guess(mvs.cameras[1], mvs.cameras[0], src_pix, centre), p, h, w),
+                            q.gt_pix, p, h, w).double(),
+                        "appearance NN (noisy input)":
+                            hits(appearance_nn(x_noisy, 1, 0, p)[q.src_idx], q.gt_pix, p, h, w).double(),
+                        "appearance NN (clean)":
+                            hits(appearance_nn(mvs.images, 1, 0, p)[q.src_idx], q.gt_pix, p, h, w).double(),
+                    })
+                q, static = controls[p]
+                if static is None:
                     continue
                 far = q.moved >= far_tokens
                 sel = ds.sel(layer=layer, src=1, tgt=0).isel(step=0, head=0)
                 mr = torch.from_numpy(np.asarray(sel["match_row"].values)[:h, :w].reshape(-1).astype(np.int64))
                 mc = torch.from_numpy(np.asarray(sel["match_col"].values)[:h, :w].reshape(-1).astype(np.int64))
                 pred = (mr * w + mc)[q.src_idx]
-                centres = token_centres(size, size, p)
-                methods = {
-                    "native": hits(pred, q.gt_pix, p, h, w).double(),
-                    "chance": chance_rate(q.gt_pix, p, h, w),
-                    "same position": hits(q.src_idx, q.gt_pix, p, h, w).double(),
-                    "camera geometry only": hits(
-                        pixel_to_index(geometry_guess(mvs.cameras[1], mvs.cameras[0], centres[q.src_idx], centre), p, h, w),
-                        q.gt_pix, p, h, w).double(),
-                    "appearance NN (noisy input)": hits(appearance_nn(x_noisy, 1, 0, p)[q.src_idx], q.gt_pix, p, h, w).double(),
-                    "appearance NN (clean)": hits(appearance_nn(mvs.images, 1, 0, p)[q.src_idx], q.gt_pix, p, h, w).double(),
-                }
+                methods = {"native": hits(pred, q.gt_pix, p, h, w).double(), **static}
                 for method, hit in methods.items():
                     for subset, m in (("all", torch.ones_like(far)), ("far", far)):
                         rows.append(dict(scene=seed, t=t, method=method, layer=layer, grid=f"{h}x{w}", subset=subset,
@@ -194,9 +202,7 @@ def tracking_figures(model, config=None, n_sets: int = 8) -> dict:
     out["best_far"] = round(float(fine[fine.method == "native"].share.max()), 4)
     for method in ("chance", "camera geometry only", "appearance NN (noisy input)"):
         out[method] = round(float(fine[fine.method == method].share.iloc[0]), 4)
-    was_training = model.training
-    rec = reconstruction(CorrlabPipeline(model), n_sets=max(2, n_sets // 2), views=2, steps=8)
-    model.train(was_training)
+    rec = reconstruction(CorrlabPipeline(model), n_sets=max(2, n_sets // 2), views=2, steps=8)  # restores train mode
     pooled = rec.groupby("method")[["psnr", "iou"]].mean()
     for method in pooled.index:
         out[f"psnr/{method}"] = round(float(pooled.loc[method, "psnr"]), 3)

@@ -39,6 +39,15 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+def timestep_vector(timestep: torch.Tensor | float, batch: int, device) -> torch.Tensor:
+    """A float or ``(B,)`` timestep in [0, 1] -> ``(B,)`` float32 on ``device``; anything else raises ShapeError."""
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    check_shape("timestep", t, (batch,))
+    return t
+
+
 def ray_fourier_features(rays: torch.Tensor, num_freqs: int) -> torch.Tensor:
     """``(..., 6)`` Plücker vectors -> ``(..., 6 + 12 * num_freqs)`` raw + sin/cos at ``pi * 2^k``."""
     freqs = math.pi * (2.0 ** torch.arange(num_freqs, dtype=rays.dtype, device=rays.device))
@@ -174,10 +183,7 @@ class MultiViewDiT(ModelMixin, ConfigMixin, AttentionMixin):
             raise ShapeError(f"sample: expected H and W divisible by patch size {p}, got {describe(sample)}")
         check_shape("ray_embeds", ray_embeds, (B, V, 6, H // p, W // p))
         check_shape("prompt_embeds", prompt_embeds, (B, self.config.prompt_dim))
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
-        if t.ndim == 0:
-            t = t.expand(B)
-        check_shape("timestep", t, (B,))
+        t = timestep_vector(timestep, B, sample.device)
         dtype = self.patch_embed.weight.dtype
 
         x = self.patch_embed(self.patchify(sample.to(dtype)))
@@ -185,13 +191,13 @@ class MultiViewDiT(ModelMixin, ConfigMixin, AttentionMixin):
         x = x + self.ray_embed(ray_fourier_features(rays, self.config.ray_freqs))
         if given is not None:
             check_shape("given", given, (B, V))
-        if given is not None and self.given_embed is None and bool(given.any()):
-            raise ShapeError(
-                "given: this MultiViewDiT was built with reference_conditioning=False and takes no reference views"
-            )
-        if given is not None and self.given_embed is not None:
-            n = (H // p) * (W // p)
-            x = x + self.given_embed[given.long()].repeat_interleave(n, dim=1).to(dtype)
+            if self.given_embed is not None:
+                n = (H // p) * (W // p)
+                x = x + self.given_embed[given.long()].repeat_interleave(n, dim=1).to(dtype)
+            elif bool(given.any()):
+                raise ShapeError(
+                    "given: this MultiViewDiT was built with reference_conditioning=False and takes no reference views"
+                )
         cond = self.time_embed(timestep_features(t, self.config.hidden_size).to(dtype))
         cond = cond + self.prompt_proj(prompt_embeds.to(dtype))
         for block in self.blocks:

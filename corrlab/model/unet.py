@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..errors import ShapeError, check_shape, describe
-from .dit import ray_fourier_features, scene_vocabulary, timestep_features
+from .dit import ray_fourier_features, scene_vocabulary, timestep_features, timestep_vector
 from .prompt import PromptEncoder
 
 __all__ = ["MultiViewUNet"]
@@ -208,10 +208,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             raise ShapeError(f"sample: expected H and W divisible by {f}, got {describe(sample)}")
         check_shape("ray_embeds", ray_embeds, (B, V, 6, H, W), expected=f"({B}, {V}, 6, {H}, {W}) per-pixel rays")
         check_shape("prompt_embeds", prompt_embeds, (B, self.config.prompt_dim))
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
-        if t.ndim == 0:
-            t = t.expand(B)
-        check_shape("timestep", t, (B,))
+        t = timestep_vector(timestep, B, sample.device)
         if given is None:
             given = torch.zeros(B, V, dtype=torch.bool, device=sample.device)
         check_shape("given", given, (B, V))

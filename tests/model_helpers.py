@@ -1,0 +1,26 @@
+"""Helpers shared by the embedded-model tests (test_model.py, test_model_v2.py)."""
+from __future__ import annotations
+
+import torch
+
+from corrlab.model import plucker_ray_embeds
+from corrlab.scenes import sample_cameras
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every weight nudged by seeded noise, in eval mode: zero-initialised output layers
+    (adaLN-zero, zero output convs) would otherwise make the tests see a trivial function."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model.eval()
+
+
+def random_inputs(B: int, V: int, size: int, seed: int, patch_size: int):
+    """``(x (B, V, 3, S, S), t (B,), rays (B, V, 6, S/p, S/p))`` under the 'train' camera layout of ``seed + b``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, 3, size, size, generator=g)
+    t = torch.rand(B, generator=g)
+    rays = torch.stack([plucker_ray_embeds(sample_cameras(seed + b, V, size, "train"), size, patch_size)
+                        for b in range(B)])
+    return x, t, rays
