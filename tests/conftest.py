@@ -12,6 +12,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, whatever an earlier test set (restored after): the models are tiny,
+    and one thread is faster than two on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """Complete tiny diffusers pipelines (Wan, Flux, SD, multi-view UNet) saved once per session:

@@ -29,12 +29,7 @@ from corrlab.probing.custom import unregister_attention_module, unregister_famil
 from corrlab.probing.row_attention import RowWiseMultiViewAttnProcessor, row_wise_attention_processors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def assert_no_hooks(model: nn.Module) -> None:
