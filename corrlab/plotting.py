@@ -15,7 +15,6 @@ Result tables are tidy pandas DataFrames with the probing score columns
 from __future__ import annotations
 
 import io
-import re
 import textwrap
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .errors import CorrlabError, ShapeError, ValueRangeError, check_finite, describe
+from .probing.layouts import layer_sort_key  # the one layer order (forward order), re-exported for the widgets
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -377,11 +377,6 @@ def token_similarity(query: Any, keys: Any, temperature: float | None = None) ->
 
 
 # ---------------------------------------------------------------------------- accuracy
-def layer_sort_key(name: Any) -> tuple:
-    """Natural sort key for layer names: ``blocks.2.attn`` < ``blocks.10.attn``."""
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(name)) if t)
-
-
 def _check_table(name: str, table: Any, columns: Sequence[str]) -> pd.DataFrame:
     if not isinstance(table, pd.DataFrame):
         raise CorrlabError(f"{name}: expected a pandas DataFrame with columns {list(columns)}, got {describe(table)}")

@@ -186,7 +186,8 @@ def test_guidance_branches_called_separately_keep_their_own_cache():
     for step in range(2):
         for branch in range(2):
             q = qs[branch]
-            call = AttentionCall("l", q, q, q, torch.zeros_like(q), 0.5, layout, 2 * step + branch, 10.0 - step)
+            call = AttentionCall("l", q, q, q, torch.zeros_like(q), 0.5, layout, 2 * step + branch, 10.0 - step,
+                                 step=step, slot=branch, generation=0)
             outs[step, branch] = adapter(call).clone()
     assert adapter.stats["matcher_refreshes"] == 2  # step 0, both branches
     assert torch.equal(outs[0, 0], outs[1, 0]) and torch.equal(outs[0, 1], outs[1, 1])
@@ -315,7 +316,7 @@ def _perfect_call(eta_out: torch.Tensor, B=2, H=2, grid=(4, 4)) -> tuple[Attenti
     k[:, 0] = eye[perm]  # ... whose keys are permuted: token l of image 1 matches token perm^-1[l]
     v = torch.randn(B, 2, H, N, N, generator=torch.Generator().manual_seed(6))
     layout = TokenLayout(2, grid, (4 * grid[0], 4 * grid[1]))
-    call = AttentionCall("blocks.0.attn", q, k, v, eta_out, 1 / math.sqrt(N), layout, 0, 1.0)
+    call = AttentionCall("blocks.0.attn", q, k, v, eta_out, 1 / math.sqrt(N), layout, 0, 1.0, step=0, slot=0, generation=0)
     return call, perm
 
 

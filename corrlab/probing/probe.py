@@ -13,8 +13,8 @@ extra memory per call is ``O(chunk_size x h*w)``; no second forward pass) and st
 the matched token, its confidence and the kept flag. The record grows by a few bytes per (layer, step,
 pair, head, token), independent of anything else.
 
-Steps: a step is a run of denoiser calls with the same ``timestep`` value, counted from 0 in call order
-(a call without a timestep is a step of its own). Within a step only the first call of a layer is
+Steps: the taps' step clock (:class:`corrlab.probing.taps.StepClock`): a step is a run of denoiser calls
+with the same ``timestep`` value, counted from 0 in call order (a call without a timestep is a step of its own). Within a step only the first call of a layer is
 recorded (e.g. the positive-prompt call of a true-CFG pipeline that calls the denoiser twice).
 
 Row-wise layers (MV-Adapter's row-wise multi-view attention, ``call.layout.row_wise``): a token's
@@ -60,17 +60,7 @@ class ProbeRecorder:
         self.history = HistoryMax(history) if history is not None else None
         self.workspace = Workspace()  # block buffers reused across calls: O(chunk_size x h*w) memory
         self.corrlab_model = _is_corrlab(model_or_pipeline)
-        self.step = -1
-        self._last_call: int | None = None
-        self._last_timestep: float | None = None
         self._done: set[tuple[str, int]] = set()
-
-    def _step_of(self, call: AttentionCall) -> int:
-        if call.call_index != self._last_call:
-            if call.timestep is None or self._last_timestep is None or call.timestep != self._last_timestep:
-                self.step += 1
-            self._last_call, self._last_timestep = call.call_index, call.timestep
-        return self.step
 
     def _batch_entry(self, batch: int) -> int:
         b = self.batch_index
@@ -82,7 +72,7 @@ class ProbeRecorder:
         return b % batch
 
     def __call__(self, call: AttentionCall) -> None:
-        step = self._step_of(call)
+        step = call.step  # the taps' step clock
         key = (call.layer, step)
         wanted = (self.steps is None or step in self.steps) and key not in self._done
         if not wanted and self.history is None:
