@@ -34,17 +34,12 @@ from typing import Any, Iterator, Sequence
 
 
 from ..errors import CorrlabError, ValueRangeError, describe
+from .attention_cache import _is_corrlab, check_steps, conditional_batch_entry
 from .matcher import MATCHING_DEFAULTS, HistoryMax, Workspace, check_matching_options, match_layout
 from .record import ProbeRecord, RecordBuilder
 from .taps import AttentionCall, AttentionTaps, list_layers
 
 __all__ = ["probe", "ProbeRecorder"]
-
-
-def _is_corrlab(model_or_pipeline: Any) -> bool:
-    from ..model import CorrlabPipeline, MultiViewDiT
-
-    return isinstance(model_or_pipeline, (CorrlabPipeline, MultiViewDiT))
 
 
 class ProbeRecorder:
@@ -63,13 +58,7 @@ class ProbeRecorder:
         self._done: set[tuple[str, int]] = set()
 
     def _batch_entry(self, batch: int) -> int:
-        b = self.batch_index
-        if b is None:
-            cfg = bool(getattr(self.target, "do_classifier_free_guidance", False)) and not self.corrlab_model
-            b = batch // 2 if cfg and batch % 2 == 0 else 0
-        if not -batch <= b < batch:
-            raise ValueRangeError(f"batch_index: expected an index into the layer's batch of {batch}, got {b}")
-        return b % batch
+        return conditional_batch_entry(self.target, batch, self.batch_index, self.corrlab_model)
 
     def __call__(self, call: AttentionCall) -> None:
         step = call.step  # the taps' step clock
@@ -96,16 +85,6 @@ class ProbeRecorder:
                              workspace=self.workspace, **self.matching)
             self.builder.add(call.layer, step, call.timestep, i, tgts, m.index, m.confidence, m.kept, num_images)
         return None
-
-
-def _check_steps(steps) -> list[int] | None:
-    if steps is None:
-        return None
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        steps = [steps]
-    if isinstance(steps, (str, bytes)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
-        raise ValueRangeError(f"steps: expected None or a list of step indices >= 0, got {describe(steps)}")
-    return sorted(set(steps))
 
 
 @contextmanager
@@ -142,7 +121,7 @@ def probe(
     if unknown:
         raise CorrlabError(f"matching: unknown options {unknown}; expected some of {sorted(MATCHING_DEFAULTS)}")
     options = check_matching_options(**{**MATCHING_DEFAULTS, **matching})
-    step_list = _check_steps(steps)
+    step_list = check_steps(steps)
     if batch_index is not None and (isinstance(batch_index, bool) or not isinstance(batch_index, int)):
         raise ValueRangeError(f"batch_index: expected None or an int, got {batch_index!r}")
     if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
