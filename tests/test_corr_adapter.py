@@ -194,6 +194,22 @@ def test_guidance_branches_called_separately_keep_their_own_cache():
     assert not torch.equal(outs[1, 0], outs[1, 1])
 
 
+def test_window_auto_follows_the_layouts_row_wise_flag():
+    """``window="auto"`` reads ``TokenLayout.row_wise``: a row window on row-wise layouts, a square elsewhere."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, out = (torch.randn(1, 2, 2, 12, 4, generator=g) for _ in range(4))
+
+    def run(window, row_wise):
+        layout = TokenLayout(2, (3, 4), (12, 16), row_wise=row_wise)
+        adapter = CorrAdapter(CorrAdapterConfig(eta=0.0, radius=1, threshold=0.0, active_steps=None, window=window))
+        call = AttentionCall("l", q, k, v, out.clone(), 0.5, layout, 0, 1.0, step=0, slot=0, generation=0)
+        return adapter(call)
+
+    # exact: "auto" resolves to the same window shape, so the same computation runs
+    assert torch.equal(run("auto", True), run("row", True)) and torch.equal(run("auto", False), run("square", False))
+    assert not torch.equal(run("row", True), run("square", True))  # the flag matters on these inputs
+
+
 def test_bad_parameters_raise(pipe):
     with pytest.raises(ValueRangeError, match="eta"):
         CorrAdapterConfig(eta=1.5)
