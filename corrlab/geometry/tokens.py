@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ValueRangeError, check_shape, describe
+from ..errors import ValueRangeError, check_positive_pair, check_shape, describe
 
 __all__ = ["token_centres", "pixel_to_token"]
 
 
-def _pair(name: str, value) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in value)
-    except (TypeError, ValueError):
-        raise ValueRangeError(f"{name}: expected a pair of positive integers, got {describe(value)}") from None
-    if a <= 0 or b <= 0 or (a, b) != tuple(value):
-        raise ValueRangeError(f"{name}: expected a pair of positive integers, got {tuple(value)!r}")
-    return a, b
-
-
 def token_centres(grid: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
     """``(h*w, 2)`` float64 pixel ``(x, y)`` centres of a row-major ``grid = (h, w)`` over ``image_size = (H, W)``."""
-    h, w = _pair("grid", grid)
-    H, W = _pair("image_size", image_size)
+    h, w = check_positive_pair("grid", grid)
+    H, W = check_positive_pair("image_size", image_size)
     y = (torch.arange(h, dtype=torch.float64) + 0.5) * (H / h) - 0.5
     x = (torch.arange(w, dtype=torch.float64) + 0.5) * (W / w) - 0.5
     yy, xx = torch.meshgrid(y, x, indexing="ij")
@@ -45,8 +35,8 @@ def pixel_to_token(xy: torch.Tensor, grid: tuple[int, int], image_size: tuple[in
 
     Pixels outside the image are clamped to the nearest border token; the inverse of :func:`token_centres`.
     """
-    h, w = _pair("grid", grid)
-    H, W = _pair("image_size", image_size)
+    h, w = check_positive_pair("grid", grid)
+    H, W = check_positive_pair("image_size", image_size)
     xy = torch.as_tensor(xy)
     check_shape("xy", xy, (None, 2), "(N, 2)")
     xy = xy.to(torch.float64)

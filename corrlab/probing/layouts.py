@@ -20,23 +20,13 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import CorrlabError, ShapeError, ValueRangeError, check_shape, describe
+from ..errors import CorrlabError, ShapeError, ValueRangeError, check_positive_pair, check_shape, describe
 from ..geometry.tokens import pixel_to_token, token_centres
 
 __all__ = [
     "TokenLayout", "ImageTokens", "grid_from_token_count", "layer_sort_key", "Family", "register_family",
     "unregister_family",
 ]
-
-
-def _positive_pair(name: str, value) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in value)
-    except (TypeError, ValueError):
-        raise CorrlabError(f"{name}: expected a pair of positive integers, got {describe(value)}") from None
-    if a <= 0 or b <= 0 or (a, b) != tuple(value):
-        raise ValueRangeError(f"{name}: expected a pair of positive integers, got {tuple(value)!r}")
-    return a, b
 
 
 @dataclass(frozen=True)
@@ -63,8 +53,8 @@ class TokenLayout:
             raise ValueRangeError(f"num_images: expected a positive integer, got {self.num_images!r}")
         if not isinstance(self.row_wise, bool):
             raise CorrlabError(f"row_wise: expected a bool, got {self.row_wise!r}")
-        object.__setattr__(self, "grid", _positive_pair("grid", self.grid))
-        object.__setattr__(self, "image_size", _positive_pair("image_size", self.image_size))
+        object.__setattr__(self, "grid", check_positive_pair("grid", self.grid))
+        object.__setattr__(self, "image_size", check_positive_pair("image_size", self.image_size))
 
     @property
     def tokens_per_image(self) -> int:

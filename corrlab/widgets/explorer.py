@@ -183,21 +183,20 @@ class CorrespondenceExplorer:
         if not self._quiet:
             self.refresh(parts)
 
-    def _on_layer(self, _change) -> None:
+    def _update_then_redraw(self, update, parts) -> None:
+        """Run ``update()`` (which sets controls) without redrawing per control, then redraw ``parts`` once."""
         self._quiet, was = True, self._quiet
         try:
-            self._update_layer_controls()
+            update()
         finally:
             self._quiet = was
-        self._on_change(("correspondence", "pair", "pca"))
+        self._on_change(parts)
+
+    def _on_layer(self, _change) -> None:
+        self._update_then_redraw(self._update_layer_controls, ("correspondence", "pair", "pca"))
 
     def _on_source(self, _change) -> None:
-        self._quiet, was = True, self._quiet
-        try:
-            self._update_targets()
-        finally:
-            self._quiet = was
-        self._on_change(None)
+        self._update_then_redraw(self._update_targets, None)
 
     def _layer_size(self, coord: str, dim: str, layer: str | None = None) -> int:
         """A per-layer size coordinate of the record (e.g. ``grid_rows``), else the padded dim's size."""
