@@ -34,7 +34,8 @@ __all__ = ["CachedAttention", "AttentionCache", "cache_attention", "conditional_
 HOOKS = ("hook_q", "hook_k")
 
 
-def _is_corrlab(model_or_pipeline: Any) -> bool:
+def is_corrlab_model(model_or_pipeline: Any) -> bool:
+    """Whether ``model_or_pipeline`` is corrlab's embedded pipeline or model (CFG batched ``[cond, uncond]``)."""
     from ..model import CorrlabPipeline, MultiViewDiT
 
     return isinstance(model_or_pipeline, (CorrlabPipeline, MultiViewDiT))
@@ -48,7 +49,7 @@ def conditional_batch_entry(model_or_pipeline: Any, batch: int, batch_index: int
     otherwise 0. ``corrlab_model`` caches the type check (None: checked here)."""
     b = batch_index
     if b is None:
-        corrlab = _is_corrlab(model_or_pipeline) if corrlab_model is None else corrlab_model
+        corrlab = is_corrlab_model(model_or_pipeline) if corrlab_model is None else corrlab_model
         cfg = bool(getattr(model_or_pipeline, "do_classifier_free_guidance", False)) and not corrlab
         b = batch // 2 if cfg and batch % 2 == 0 else 0
     if not -batch <= b < batch:
@@ -169,7 +170,7 @@ class _CacheRecorder:
 
     def __init__(self, target: Any, cache: AttentionCache, steps: set[int] | None, batch_index: int | None):
         self.target, self.cache, self.steps, self.batch_index = target, cache, steps, batch_index
-        self.corrlab_model = _is_corrlab(target)
+        self.corrlab_model = is_corrlab_model(target)
 
     def __call__(self, call: AttentionCall) -> None:
         key = (call.layer, call.step)

@@ -14,8 +14,8 @@ the matched token, its confidence and the kept flag. The record grows by a few b
 pair, head, token), independent of anything else.
 
 Steps: the taps' step clock (:class:`corrlab.probing.taps.StepClock`): a step is a run of denoiser calls
-with the same ``timestep`` value, counted from 0 in call order (a call without a timestep is a step of its own). Within a step only the first call of a layer is
-recorded (e.g. the positive-prompt call of a true-CFG pipeline that calls the denoiser twice).
+with the same ``timestep`` value, counted from 0 in call order (a call without a timestep is a step of its
+own). Within a step only the first call of a layer is recorded (e.g. the positive-prompt call of a true-CFG pipeline that calls the denoiser twice).
 
 Row-wise layers (MV-Adapter's row-wise multi-view attention, ``call.layout.row_wise``): a token's
 candidates are the tokens of the same row of each other image, so matching runs row by row
@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 
 
 from ..errors import CorrlabError, ValueRangeError, describe
-from .attention_cache import _is_corrlab, check_steps, conditional_batch_entry
+from .attention_cache import is_corrlab_model, check_steps, conditional_batch_entry
 from .matcher import MATCHING_DEFAULTS, HistoryMax, Workspace, check_matching_options, match_layout
 from .record import ProbeRecord, RecordBuilder
 from .taps import AttentionCall, AttentionTaps, list_layers
@@ -54,7 +54,7 @@ class ProbeRecorder:
         self.matching = matching
         self.history = HistoryMax(history) if history is not None else None
         self.workspace = Workspace()  # block buffers reused across calls: O(chunk_size x h*w) memory
-        self.corrlab_model = _is_corrlab(model_or_pipeline)
+        self.corrlab_model = is_corrlab_model(model_or_pipeline)
         self._done: set[tuple[str, int]] = set()
 
     def _batch_entry(self, batch: int) -> int:
