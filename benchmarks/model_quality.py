@@ -5,7 +5,8 @@
     at 1 and 2 px), next to the renderer's sets with the same cameras (ceiling) and the generated views
     scored under the cameras of another set (shuffled, floor).
 (b) Native correspondences: per layer and t in {0.2, 0.5, 0.8}, share of view-0 object tokens whose
-    attention argmax in view 1 is within 1 token of the truth, for all and for far-moving (>= 2 tokens)
+    match in view 1 (the matcher's head-averaged softmax, ``heads="mean"``, read by the taps) is within
+    1 token of the truth, for all and for far-moving (>= 2 tokens)
     tokens, next to chance, same position, camera geometry only, appearance NN (noisy and clean), and
     the untrained architecture.
 (c) Prompt adherence: dominant hue of generated objects vs the colour word (renders as a check).

@@ -20,6 +20,7 @@ __all__ = [
     "check_shape",
     "check_finite",
     "check_choice",
+    "check_positive_pair",
 ]
 
 
@@ -72,6 +73,18 @@ def check_finite(name: str, x: Any) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
         raise ValueRangeError(f"{name}: expected finite values, got {n_bad} non-finite entries in {describe(x)}")
+
+
+def check_positive_pair(name: str, value: Any) -> tuple[int, int]:
+    """``value`` as a pair of positive ints (e.g. a token grid or an image size); raise :class:`CorrlabError`
+    for anything else (:class:`ValueRangeError` for a pair that is not positive or not integral)."""
+    try:
+        a, b = (int(x) for x in value)
+    except (TypeError, ValueError):
+        raise CorrlabError(f"{name}: expected a pair of positive integers, got {describe(value)}") from None
+    if a <= 0 or b <= 0 or (a, b) != tuple(value):
+        raise ValueRangeError(f"{name}: expected a pair of positive integers, got {tuple(value)!r}")
+    return a, b
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

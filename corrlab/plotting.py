@@ -15,7 +15,6 @@ Result tables are tidy pandas DataFrames with the probing score columns
 from __future__ import annotations
 
 import io
-import re
 import textwrap
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .errors import CorrlabError, ShapeError, ValueRangeError, check_finite, describe
+from .probing.layouts import layer_sort_key  # the one layer order (forward order), re-exported for the widgets
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -345,19 +345,27 @@ def pca_figure(images: Any, features: Any, title: str | None = None, panel_size:
     return fig
 
 
-def token_similarity(query: Any, keys: Any, temperature: float | None = None) -> np.ndarray:
-    """Softmax similarity of one source token to every token of one target view, head-averaged.
+def token_similarity(query: Any, keys: Any, scale: float | None = None) -> np.ndarray:
+    """The matcher's head-averaged softmax similarity of one source token to every token of one target view.
+
+    :func:`corrlab.probing.matcher.similarity_map` with ``heads="mean"`` over the given heads (one head:
+    that head's softmax), computed in float64: ``softmax_l(mean_h(scale * q_h . k_{h,l}))``, whose argmax is
+    the match a probe with ``heads="mean"`` records.
 
     Args:
         query: ``(heads, d)`` the source token's query (or ``(d,)`` for one head).
         keys: ``(heads, h, w, d)`` the target view's keys (or ``(h, w, d)``).
-        temperature: logits are ``q . k / temperature``; default ``sqrt(d)`` (attention's own scale).
+        scale: the layer's softmax scale (default ``1 / sqrt(d)``, attention's own).
 
     Returns:
-        ``(h, w)`` float64 map: the mean over heads of ``softmax_l(q k_l / temperature)`` (sums to 1).
+        ``(h, w)`` float64 map summing to 1.
     """
-    q = np.asarray(query.detach().cpu().float().numpy() if hasattr(query, "detach") else query, dtype=np.float64)
-    k = np.asarray(keys.detach().cpu().float().numpy() if hasattr(keys, "detach") else keys, dtype=np.float64)
+    import torch
+
+    from .probing.matcher import similarity_map
+
+    q = torch.as_tensor(np.asarray(query.detach().cpu() if hasattr(query, "detach") else query), dtype=torch.float64)
+    k = torch.as_tensor(np.asarray(keys.detach().cpu() if hasattr(keys, "detach") else keys), dtype=torch.float64)
     if q.ndim == 1:
         q = q[None]
     if k.ndim == 3:
@@ -365,23 +373,15 @@ def token_similarity(query: Any, keys: Any, temperature: float | None = None) ->
     if q.ndim != 2 or k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
         raise ShapeError(f"query, keys: expected (heads, d) and (heads, h, w, d), got {describe(query)} and {describe(keys)}")
     heads, h, w, d = k.shape
-    if temperature is None:
-        temperature = float(np.sqrt(d))
-    if not temperature > 0:
-        raise ValueRangeError(f"temperature: expected a positive number, got {temperature!r}")
-    logits = np.einsum("nd,nld->nl", q, k.reshape(heads, h * w, d)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
-    return p.mean(axis=0).reshape(h, w)
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(d))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < float(scale) < float("inf"):
+        raise ValueRangeError(f"scale: expected a positive finite number, got {scale!r}")
+    p = similarity_map(q[:, None], k.reshape(heads, 1, h * w, d), scale=float(scale), heads="mean")
+    return p[0, 0, 0].reshape(h, w).numpy()
 
 
 # ---------------------------------------------------------------------------- accuracy
-def layer_sort_key(name: Any) -> tuple:
-    """Natural sort key for layer names: ``blocks.2.attn`` < ``blocks.10.attn``."""
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(name)) if t)
-
-
 def _check_table(name: str, table: Any, columns: Sequence[str]) -> pd.DataFrame:
     if not isinstance(table, pd.DataFrame):
         raise CorrlabError(f"{name}: expected a pandas DataFrame with columns {list(columns)}, got {describe(table)}")

@@ -186,11 +186,28 @@ def test_guidance_branches_called_separately_keep_their_own_cache():
     for step in range(2):
         for branch in range(2):
             q = qs[branch]
-            call = AttentionCall("l", q, q, q, torch.zeros_like(q), 0.5, layout, 2 * step + branch, 10.0 - step)
+            call = AttentionCall("l", q, q, q, torch.zeros_like(q), 0.5, layout, 2 * step + branch, 10.0 - step,
+                                 step=step, slot=branch, generation=0)
             outs[step, branch] = adapter(call).clone()
     assert adapter.stats["matcher_refreshes"] == 2  # step 0, both branches
     assert torch.equal(outs[0, 0], outs[1, 0]) and torch.equal(outs[0, 1], outs[1, 1])
     assert not torch.equal(outs[1, 0], outs[1, 1])
+
+
+def test_window_auto_follows_the_layouts_row_wise_flag():
+    """``window="auto"`` reads ``TokenLayout.row_wise``: a row window on row-wise layouts, a square elsewhere."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, out = (torch.randn(1, 2, 2, 12, 4, generator=g) for _ in range(4))
+
+    def run(window, row_wise):
+        layout = TokenLayout(2, (3, 4), (12, 16), row_wise=row_wise)
+        adapter = CorrAdapter(CorrAdapterConfig(eta=0.0, radius=1, threshold=0.0, active_steps=None, window=window))
+        call = AttentionCall("l", q, k, v, out.clone(), 0.5, layout, 0, 1.0, step=0, slot=0, generation=0)
+        return adapter(call)
+
+    # exact: "auto" resolves to the same window shape, so the same computation runs
+    assert torch.equal(run("auto", True), run("row", True)) and torch.equal(run("auto", False), run("square", False))
+    assert not torch.equal(run("row", True), run("square", True))  # the flag matters on these inputs
 
 
 def test_bad_parameters_raise(pipe):
@@ -315,7 +332,7 @@ def _perfect_call(eta_out: torch.Tensor, B=2, H=2, grid=(4, 4)) -> tuple[Attenti
     k[:, 0] = eye[perm]  # ... whose keys are permuted: token l of image 1 matches token perm^-1[l]
     v = torch.randn(B, 2, H, N, N, generator=torch.Generator().manual_seed(6))
     layout = TokenLayout(2, grid, (4 * grid[0], 4 * grid[1]))
-    call = AttentionCall("blocks.0.attn", q, k, v, eta_out, 1 / math.sqrt(N), layout, 0, 1.0)
+    call = AttentionCall("blocks.0.attn", q, k, v, eta_out, 1 / math.sqrt(N), layout, 0, 1.0, step=0, slot=0, generation=0)
     return call, perm
 
 

@@ -217,7 +217,8 @@ def compare(config, reference, grid, run, row_wise):
     scale = 1 / math.sqrt(D)
     diffs = []
     for step, (q, k, v, out) in enumerate(run):
-        call = AttentionCall("up_blocks.1.attn1", q, k, v, out.clone(), scale, layout, step, 1000.0 - 10 * step)
+        call = AttentionCall("up_blocks.1.attn1", q, k, v, out.clone(), scale, layout, step, 1000.0 - 10 * step,
+                             step=step, slot=0, generation=0)
         fast = adapter(call)
         ref = reference(step, q, k, v, out, scale)
         assert fast is not None and fast.shape == ref.shape
@@ -255,7 +256,7 @@ def fast_outputs(config, grid, run, row_wise):
     adapter = CorrAdapter(config)
     layout = TokenLayout(V, grid, (8 * grid[0], 8 * grid[1]), row_wise=row_wise)
     return [adapter(AttentionCall("up_blocks.1.attn1", q, k, v, out.clone(), 1 / math.sqrt(D), layout, s,
-                                  1000.0 - 10 * s)) for s, (q, k, v, out) in enumerate(run)]
+                                  1000.0 - 10 * s, step=s, slot=0, generation=0)) for s, (q, k, v, out) in enumerate(run)]
 
 
 def step_differences(a, b):

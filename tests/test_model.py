@@ -169,21 +169,36 @@ def test_train_config_rejects_held_out_seeds():
     assert TrainConfig.from_dict(json.loads(json.dumps(TrainConfig().to_dict()))) == TrainConfig()
 
 
-def test_attention_capture_restores_model():
-    from corrlab.model.native import capture_attention_argmax
+def test_layer_matches_are_the_matchers_head_mean_on_the_tapped_tensors():
+    """The tracking evaluation reads attention through the taps and matches with the matcher's
+    ``heads="mean"``; the model is unchanged afterwards."""
+    from corrlab.model.native import layer_matches
+    from corrlab.probing.matcher import match_views
+    from corrlab.probing.taps import AttentionTaps
 
     m = tiny_model()
     x, t, rays = inputs(B=1, V=2)
     pe = m.encode_prompt(["red box"])
     before = m(x, t, pe, rays)
-    with pytest.raises(RuntimeError):
-        with capture_attention_argmax(m, 16) as stores:
-            inside = m(x, t, pe, rays)
-            raise RuntimeError("boom")
-    # exact: same computation twice (the capture only reads; afterwards the plain processors are back)
-    assert torch.equal(before, inside) and stores["blocks.0.attn"][0].shape == (1, 16)
-    assert all(isinstance(b.attn.processor, AttnProcessor2_0) for b in m.blocks)
-    assert torch.equal(m(x, t, pe, rays), before)
+    seen = {}
+
+    def keep(call):
+        seen[call.layer] = (call.q[0].clone(), call.k[0].clone(), call.scale, call.layout.grid)
+
+    with torch.no_grad(), AttentionTaps(m, None, keep):
+        m(x, t, pe, rays)
+    got = layer_matches(m, x[0], float(t[0]), pe, rays, src=0, dst=1)
+    assert list(got) == ["blocks.0.attn", "blocks.1.attn"] == list(seen)
+    for layer, (q, k, scale, grid) in seen.items():
+        want = match_views(q[0], k[1][:, None], grid, scale=scale, heads="mean").index[0, 0]
+        # exact: the same matcher call on the same tapped tensors
+        assert got[layer][1] == grid == (4, 4) and torch.equal(got[layer][0], want)
+        # the definition, written out: argmax over view 1's keys of the head-averaged logits (float64;
+        # ties of the float32 matcher within 1e-5 of the top logit may pick either token)
+        logits = (torch.einsum("hnd,hmd->hnm", q[0].double(), k[1].double()) * scale).mean(0)
+        top = logits.max(dim=1).values
+        assert bool((logits.gather(1, want[:, None])[:, 0] >= top - 1e-5).all())
+    assert torch.equal(m(x, t, pe, rays), before)  # exact: same computation, nothing left attached
 
 
 def test_missing_weights_error(tmp_path, monkeypatch):

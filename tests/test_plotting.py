@@ -204,13 +204,27 @@ def test_pca_rgb_range_and_shape_property(V, h, C, seed):
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 8), st.integers(0, 10_000))
-def test_token_similarity_is_a_head_averaged_softmax(heads, h, w, d, seed):
+def test_token_similarity_is_the_matchers_head_mean_softmax(heads, h, w, d, seed):
+    from corrlab.probing.matcher import match_views, similarity_map
+
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(heads, d, generator=g), torch.randn(heads, h, w, d, generator=g)
     sim = P.token_similarity(q, k)
-    ref = torch.softmax(torch.einsum("nd,nhwd->nhw", q, k).reshape(heads, -1) / d**0.5, dim=1).mean(0).reshape(h, w)
-    np.testing.assert_allclose(sim, ref.double().numpy(), rtol=1e-5, atol=1e-7)
-    assert sim.sum() == pytest.approx(1.0)
+    # the definition written out in float64: softmax over the target's tokens of the head-averaged logits
+    logits = torch.einsum("nd,nhwd->nhw", q.double(), k.double()).reshape(heads, -1).mean(0) / d**0.5
+    ref = torch.softmax(logits, dim=0).reshape(h, w)
+    # float64 both ways, summed in different orders: a few ulps of values <= 1
+    np.testing.assert_allclose(sim, ref.numpy(), rtol=1e-10, atol=1e-14)
+    assert sim.sum() == pytest.approx(1.0, abs=1e-12)
+    # the matcher's own function on the float32 tensors: float32 rounding of logits of size <~ 10 (|d| <= 8)
+    # moves probabilities by < 1e-5 relative
+    mine = similarity_map(q[:, None], k.reshape(heads, 1, h * w, d), scale=d**-0.5, heads="mean")
+    np.testing.assert_allclose(sim, mine[0, 0, 0].reshape(h, w).double().numpy(), rtol=1e-5, atol=1e-6)
+    # and its argmax is the match a heads="mean" matcher picks (unless two tokens tie within float32 rounding)
+    m = match_views(q[:, None], k.reshape(heads, 1, h * w, d), (h, w), scale=d**-0.5, heads="mean")
+    top = np.sort(sim.reshape(-1))[::-1]
+    if top.size == 1 or top[0] - top[1] > 1e-5:
+        assert int(m.index[0, 0, 0]) == int(sim.argmax())
 
 
 def test_token_similarity_peaks_at_the_matching_key():
@@ -220,10 +234,11 @@ def test_token_similarity_peaks_at_the_matching_key():
     k[0, 2, 1, 2] = 10.0
     sim = P.token_similarity(q, k)
     assert np.unravel_index(sim.argmax(), sim.shape) == (2, 1)
+    assert P.token_similarity(q, k, scale=0.5)[2, 1] > sim[2, 1]  # a larger scale sharpens the softmax
     with pytest.raises(ShapeError, match="query, keys"):
         P.token_similarity(torch.zeros(2, 8), k)
-    with pytest.raises(ValueRangeError, match="temperature"):
-        P.token_similarity(q, k, temperature=0.0)
+    with pytest.raises(ValueRangeError, match="scale"):
+        P.token_similarity(q, k, scale=0.0)
 
 
 def test_pca_figure_stacks_images_over_features():

@@ -500,6 +500,47 @@ def test_layer_names_sort_by_parsed_index():
     ]
 
 
+def test_layer_sort_key_is_the_forward_order_of_flux_blocks():
+    """The one layer order (taps, records, plots, widgets) is the order a Flux forward runs its attention:
+    the joint blocks, then the single blocks (a natural name sort put ``single_...`` first), indices as numbers."""
+    import random
+
+    from corrlab import plotting
+    from corrlab.probing.layouts import layer_sort_key
+
+    m = FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=2, num_single_layers=11, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    ran: list[str] = []
+    handles = [mod.register_forward_pre_hook(lambda _m, _a, name=name: ran.append(name))
+               for name, mod in m.named_modules() if name.endswith(".attn")]
+    try:
+        with torch.no_grad():
+            m(**flux_inputs(batch=1))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(ran) == 13 and ran[0] == "transformer_blocks.0.attn" and ran[-1] == "single_transformer_blocks.10.attn"
+    shuffled = list(ran)
+    random.Random(0).shuffle(shuffled)
+    assert sorted(shuffled, key=layer_sort_key) == ran
+    assert plotting.layer_sort_key is layer_sort_key  # one definition
+    assert [i.name for i in list_layers(m)] == ran
+
+
+def test_the_step_clock_counts_steps_slots_and_generations():
+    from corrlab.probing.taps import StepClock
+
+    clock, seen = StepClock(), []
+    for t in [1.0, 1.0, 0.5, 0.5, 0.0, 1.0, 0.5, None, None, 0.2]:
+        clock.tick(t)
+        seen.append((clock.step, clock.slot, clock.generation))
+    assert seen == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (2, 0, 0), (3, 0, 1), (4, 0, 1), (5, 0, 1),
+                    (6, 0, 1), (7, 0, 1)]
+    assert clock.calls == 10
+
+
 def test_bad_arguments_raise_clear_errors():
     s = Setup("dit")
     with pytest.raises(CorrlabError, match="layers: unknown layer names"):

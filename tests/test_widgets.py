@@ -15,18 +15,17 @@ import torch
 
 from corrlab.errors import CorrlabError
 from corrlab.model import CorrlabPipeline, MultiViewDiT
-from corrlab.probing import probe
+from corrlab.plotting import token_similarity
+from corrlab.probing import AttentionTaps, cache_attention, probe
 from corrlab.widgets import (
     AccuracyDashboard,
     CorrespondenceExplorer,
     InterventionPanel,
     best_cell,
-    capture_queries_keys,
     check_record,
     count_model_calls,
     epipolar_consistency,
     pair_alignment,
-    token_centres_px,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +52,7 @@ def generate(pipe, prompt="red box", **kw):
 
 @pytest.fixture(scope="module")
 def probed(pipe):
-    with probe(pipe, layers=LAYERS, steps=[0, 2]) as rec, capture_queries_keys(pipe, LAYERS, steps=[0, 2]) as cap:
+    with probe(pipe, layers=LAYERS, steps=[0, 2]) as rec, cache_attention(pipe, LAYERS, steps=[0, 2]) as cap:
         mvs = generate(pipe)
     rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)
     return rec, cap, mvs
@@ -63,44 +62,100 @@ def no_hooks(model: torch.nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-# ---------------------------------------------------------------------------- q/k capture
-def test_capture_matches_the_layers_own_projections_in_the_documented_layout(pipe):
-    attn = pipe.model.blocks[1].attn
-    inputs = []
-    handle = attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().clone()))
-    try:
-        with capture_queries_keys(pipe, ["blocks.1.attn"], steps=[1]) as cap:
-            generate(pipe)
-    finally:
-        handle.remove()
-    assert cap.steps_seen == STEPS and list(cap.keys) == [("blocks.1.attn", 1)]
+# ---------------------------------------------------------------------------- attention cache
+def tapped(model_or_pipe, layers, run, **taps):
+    """``{(layer, step): (q, k)}`` of batch entry 0 as the taps hand them over (first call per step), and
+    the output of ``run()``."""
+    seen = {}
+
+    def keep(call):
+        seen.setdefault((call.layer, call.step), (call.q[0].clone(), call.k[0].clone(), call.scale, call.layout))
+
+    with torch.no_grad(), AttentionTaps(model_or_pipe, layers, keep, **taps):
+        out = run()
+    return seen, out
+
+
+def test_cache_holds_the_taps_tensors_in_the_documented_views(pipe):
+    seen, _ = tapped(pipe, ["blocks.1.attn"], lambda: generate(pipe))
+    with cache_attention(pipe, ["blocks.1.attn"], steps=[1]) as cache:
+        generate(pipe)
+    assert cache.keys() == [("blocks.1.attn", 1)] and cache.steps == [1] and len(seen) == STEPS
+    q, k, scale, layout = seen[("blocks.1.attn", 1)]
     h = w = SIZE // 4
-    k = cap.keys[("blocks.1.attn", 1)]
-    assert k.shape == (3, 2, h, w, 16)
-    # step 1's hidden states, batch entry 0: token = v*h*w + row*w + col, channels = head*d + i
-    ref = attn.to_k(inputs[1][0]).reshape(3, h, w, 2, 16)
+    # exact: the same generation run twice, the cache keeps float32 copies of the same float32 tensors
+    assert torch.equal(cache["blocks.1.attn.hook_q", 1], q) and torch.equal(cache["blocks.1.attn.hook_k", 1], k)
+    assert cache.layout("blocks.1.attn", 1) == layout and cache.scale("blocks.1.attn", 1) == scale
+    assert k.shape == (3, 2, h * w, 16) and layout.grid == (h, w)
     v, row, col, head = 2, 5, 3, 1
-    torch.testing.assert_close(k[v, head, row, col], ref[v, row, col, head])
-    torch.testing.assert_close(cap.key_features("blocks.1.attn", 1)[v, row, col, 16:], ref[v, row, col, 1])
-    torch.testing.assert_close(cap.query("blocks.1.attn", 1, v, row, col)[head],
-                               attn.to_q(inputs[1][0]).reshape(3, h, w, 2, 16)[v, row, col, head])
+    assert torch.equal(cache.view_keys("blocks.1.attn", 1, v)[head, row, col], k[v, head, row * w + col])
+    assert torch.equal(cache.key_features("blocks.1.attn", 1)[v, row, col, 16:], k[v, 1, row * w + col])
+    assert torch.equal(cache.query("blocks.1.attn", 1, v, row, col), q[v, :, row * w + col])
 
 
-def test_capture_leaves_the_model_unchanged_also_on_errors(pipe):
+def test_cache_leaves_the_model_unchanged_also_on_errors(pipe):
     plain = generate(pipe).images
-    with capture_queries_keys(pipe, LAYERS) as cap:
-        probed = generate(pipe).images
-    assert torch.equal(plain, probed) and no_hooks(pipe.model)  # exact: same computation twice (capture only reads)
-    assert len(cap.keys) == len(LAYERS) * STEPS
+    with cache_attention(pipe, LAYERS) as cache:
+        cached = generate(pipe).images
+    assert torch.equal(plain, cached) and no_hooks(pipe.model)  # exact: same computation twice (the cache only reads)
+    assert len(cache) == len(LAYERS) * STEPS
     with pytest.raises(RuntimeError, match="boom"):
-        with capture_queries_keys(pipe, LAYERS):
+        with cache_attention(pipe, LAYERS):
             raise RuntimeError("boom")
     assert no_hooks(pipe.model)
     with pytest.raises(CorrlabError, match="layers"):
-        with capture_queries_keys(pipe, ["blocks.9.attn"]):
+        with cache_attention(pipe, ["blocks.9.attn"]):
             pass
-    with pytest.raises(CorrlabError, match="captured"):
-        cap.key_features("blocks.0.attn", 99)
+    with pytest.raises(CorrlabError, match="cached"):
+        cache.key_features("blocks.0.attn", 99)
+    with pytest.raises(CorrlabError, match="hook"):
+        cache["blocks.0.attn.hook_v", 0]
+
+
+@pytest.fixture(scope="module")
+def flux_probed():
+    """A tiny Flux pipeline (non-embedded: tokens as batch entries under extended attention over 2 images)."""
+    from corrlab.probing.extended_attention import extended_attention
+    from corrlab.tiny_pipelines import TINY_CALL, build_tiny_pipeline
+
+    fpipe = build_tiny_pipeline("flux")
+    fpipe.set_progress_bar_config(disable=True)
+
+    def run():
+        out = fpipe(prompt="a red box", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    num_images_per_prompt=2, output_type="pt", **TINY_CALL["flux"])
+        return out.images
+
+    with extended_attention(fpipe, 2):
+        seen, _ = tapped(fpipe, None, run)
+        with probe(fpipe, steps=[1]) as rec, cache_attention(fpipe, steps=[1]) as cache:
+            images = run()
+    return fpipe, seen, rec, cache, images
+
+
+def test_explorer_views_read_the_taps_tensors_of_a_flux_pipeline(flux_probed):
+    """The explorer's heat maps and PCA view show exactly what the taps saw, for a family the old embedded-only
+    q/k capture could not read."""
+    fpipe, seen, rec, cache, images = flux_probed
+    layers = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert cache.layers == rec.layers == layers and cache.steps == [1]
+    for layer in layers:
+        q, k, scale, layout = seen[(layer, 1)]
+        assert layout.num_images == 2 and layout.grid == (8, 8)
+        # exact: the same generation (same seed) twice, observe-only taps
+        assert torch.equal(cache[f"{layer}.hook_q", 1], q) and torch.equal(cache[f"{layer}.hook_k", 1], k)
+    ex = CorrespondenceExplorer(rec, images, features=cache, matchers={})
+    assert ex.last_error is None and ex.pca.value[:8] == PNG
+    layer = ex.layer.value
+    q, k, scale, layout = seen[(layer, 1)]
+    ex.row.value, ex.col.value = 2, 5
+    maps = ex.similarity_maps()
+    want = token_similarity(q[0, :, 2 * 8 + 5], k[1].reshape(-1, 8, 8, k.shape[-1]), scale)
+    assert list(maps) == [1] and np.array_equal(maps[1], want)  # exact: the same function on the same tensors
+    ex.head.value = 1
+    want = token_similarity(q[0, 1:2, 2 * 8 + 5], k[1, 1:2].reshape(1, 8, 8, -1), scale)
+    assert np.array_equal(ex.similarity_maps()[1], want)
+    assert torch.equal(cache.key_features(layer, 1)[1, 2, 5], k[1, :, 2 * 8 + 5].reshape(-1))
 
 
 def test_count_model_calls_counts_denoising_steps(pipe):
@@ -112,13 +167,14 @@ def test_count_model_calls_counts_denoising_steps(pipe):
 
 
 # ---------------------------------------------------------------------------- explorer
-def test_token_centres_follow_the_models_layout(probed):
-    rec = probed[0]
-    np.testing.assert_allclose(token_centres_px(8, 8, SIZE, SIZE), rec.token_centres("blocks.0.attn"))
-    np.testing.assert_allclose(token_centres_px(2, 2, 8, 8), [[1.5, 1.5], [5.5, 1.5], [1.5, 5.5], [5.5, 5.5]],
-                               rtol=0, atol=1e-12)  # computed centres: float64 rounding tolerance
-    with pytest.raises(CorrlabError, match="grid"):
-        token_centres_px(3, 3, 8, 8)
+def test_explorer_token_centres_are_the_layouts(probed):
+    from corrlab.geometry import token_centres
+
+    rec, cache, _ = probed
+    ex = CorrespondenceExplorer(rec, probed[2], features=cache, matchers={})
+    np.testing.assert_array_equal(ex.token_centres(), rec.token_centres(ex.layer.value))
+    # exact: both from corrlab.geometry.token_centres (the record stores the layout's centres)
+    np.testing.assert_array_equal(ex.token_centres(), token_centres((8, 8), (SIZE, SIZE)).numpy())
 
 
 def test_check_record_names_what_is_missing(probed):

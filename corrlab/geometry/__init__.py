@@ -5,6 +5,8 @@
   ``K[:2, :2] @ x_cam[:2] + K[:2, 2]``. Depth always means ``z_cam``.
 * Pixel coordinates are (x, y) = (column, row), with the centre of the top-left pixel at (0, 0);
   an image of width W spans x in [-0.5, W - 0.5].
+* A row-major ``(h, w)`` token grid over an ``(H, W)`` image: token ``(r, c)`` has its centre at
+  ``((c + 0.5) W / w - 0.5, (r + 0.5) H / h - 0.5)`` (:func:`token_centres`, :func:`pixel_to_token`).
 * Point sets are ``(N, 2)`` pixels or ``(N, 3)`` world points; geometry runs in float64.
 * Epipolar distances are in pixels, never squared. "symmetric" is kornia's
   sqrt(d1^2 + d2^2) of the two point-to-line distances; "line" is the distance of the second point to
@@ -20,6 +22,7 @@ from .epipolar import (
     fundamental_matrix,
     relative_view_angle,
 )
+from .tokens import pixel_to_token, token_centres
 
 __all__ = [
     "Camera",
@@ -35,4 +38,6 @@ __all__ = [
     "sample_depth",
     "ground_truth_match_for",
     "ground_truth_correspondences",
+    "token_centres",
+    "pixel_to_token",
 ]

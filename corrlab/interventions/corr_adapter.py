@@ -20,7 +20,7 @@ layouts), averaged over the kept j, and the layer's attention output (before its
 >>> handle = CorrAdapterHandle(pipe, eta=0.5).enable()                       # doctest: +SKIP
 >>> handle.update(eta=0.8); handle.disable()                                 # doctest: +SKIP
 
-What is a step: the handle counts denoiser forward calls; consecutive calls with the same timestep (for
+What is a step: the taps' step clock (:class:`corrlab.probing.taps.StepClock`); consecutive calls with the same timestep (for
 example a pipeline's two classifier-free-guidance calls) are one step, and a timestep larger than the
 previous one starts a new generation (step 0, cached matches and history cleared). Models called without
 a single timestep count one step per forward call: call :meth:`CorrAdapterHandle.reset` between
@@ -619,15 +619,12 @@ class CorrAdapter:
 
     def reset(self) -> None:
         """Forget steps, cached matches, history and stats (the next call starts a generation at step 0)."""
-        self.step = -1
-        self._last_call: int | None = None
-        self._last_timestep: float | None = None
+        self._origin: tuple[int, int] | None = None  # (generation, step) of the taps' clock at this adapter's step 0
         self._slot = 0
         self._new_generation()
         self.stats = {"calls": 0, "adapted_calls": 0, "matcher_refreshes": 0, "kept": 0, "total": 0}
 
     def _new_generation(self) -> None:
-        self.step = -1
         self._cache: dict[tuple, _CachedMatches] = {}
         self._history = HistoryMax(self.config.history_length) if self.config.history_max else None
 
@@ -639,17 +636,15 @@ class CorrAdapter:
             self._history = HistoryMax(config.history_length) if config.history_max else None
 
     def _step_of(self, call: AttentionCall) -> int:
-        if call.call_index != self._last_call:
-            t, last = call.timestep, self._last_timestep
-            if t is not None and last is not None and t > last:
+        """The step within the current generation, read off the taps' step clock (counted from the last
+        reset or the clock's last new generation)."""
+        origin = self._origin
+        if origin is None or call.generation != origin[0]:
+            if origin is not None:
                 self._new_generation()
-            if t is None or self._last_timestep is None or t != self._last_timestep:
-                self.step += 1
-                self._slot = 0
-            else:
-                self._slot += 1  # another denoiser call within the same step (e.g. the other guidance branch)
-            self._last_call, self._last_timestep = call.call_index, t
-        return self.step
+            self._origin = origin = (call.generation, call.step)
+        self._slot = call.slot  # call position within the step (e.g. the other guidance branch)
+        return call.step - origin[1]
 
     def _refresh_due(self, step: int, refresh_every: int) -> bool:
         cfg = self.config
@@ -692,7 +687,7 @@ class CorrAdapter:
     def _window_shape(self, call: AttentionCall) -> str:
         if self.config.window != "auto":
             return self.config.window
-        return "row" if bool(getattr(call.layout, "row_wise", False)) else "square"
+        return "row" if call.layout.row_wise else "square"
 
     @torch.no_grad()
     def __call__(self, call: AttentionCall) -> torch.Tensor | None:

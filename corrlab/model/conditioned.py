@@ -3,8 +3,8 @@
 Two measurements of the embedded model on held-out rendered scenes (seeds >= ``HELD_OUT_SEED_START``):
 
 * :func:`native_hits` — native correspondences at time ``t``: view 0 enters clean (the reference, flagged
-  as given), view 1 is the rendered truth noised to ``t``; one forward pass under :func:`corrlab.probe`
-  (head-averaged softmax, nearest neighbour) gives, per multi-view attention layer, each token of the
+  as given), view 1 is the rendered truth noised to ``t``; one forward pass read by the taps
+  (:func:`corrlab.model.native.layer_matches`: the matcher's ``heads="mean"``) gives, per multi-view attention layer, each token of the
   generated view 1 its match in the reference view 0. A query is a token of view 1 whose centre lies on
   the object with a visible ground-truth match in view 0; it is a hit when the match is within 1 token
   (Chebyshev) of the true token at that layer's grid. "far" queries move >= ``far_tokens`` tokens.
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import CorrlabError
-from .native import appearance_nn, chance_rate, geometry_guess, hits, pixel_to_index, token_queries
+from .native import appearance_nn, chance_rate, geometry_guess, hits, layer_matches, pixel_to_index, token_queries
 from .rays import token_centres
 
 __all__ = ["native_hits", "pool_hits", "reconstruction", "psnr", "ssim", "object_mask", "tracking_figures"]
@@ -68,7 +67,6 @@ def native_hits(model, n_sets: int = 16, t: float = 0.5, far_tokens: float = 2.0
 
     ``model`` is a reference-conditioned :class:`MultiViewUNet` or :class:`MultiViewDiT`.
     """
-    from ..probing import probe
     from ..scenes import render_scene
     from .pipeline import CorrlabPipeline
     from .train import HELD_OUT_SEED_START
@@ -92,14 +90,11 @@ def native_hits(model, n_sets: int = 16, t: float = 0.5, far_tokens: float = 2.0
             given = torch.tensor([[True, False]])
             rays = pipe.ray_embeds(mvs.cameras, size)[None]
             pe = model.encode_prompt([mvs.prompt])
-            with torch.no_grad(), probe(model, heads="mean") as rec:
-                model(x[None].to(model.device), torch.tensor([t]), pe, rays, given=given.to(model.device))
-            ds = rec.ds
+            matches = layer_matches(model, x, t, pe, rays, src=1, dst=0, given=given)
             centre = torch.tensor(mvs.meta["scene"]["position"], dtype=torch.float64)
             x_noisy = (x.clamp(-1, 1) + 1) / 2
             controls: dict[int, tuple] = {}  # per token size p: the queries and the controls (layers share grids)
-            for layer in rec.layers:
-                h, w = rec.grid(layer)
+            for layer, (index, (h, w)) in matches.items():
                 p = size // h
                 if p not in controls:
                     q = token_queries(mvs, 1, 0, p)
@@ -122,11 +117,7 @@ def native_hits(model, n_sets: int = 16, t: float = 0.5, far_tokens: float = 2.0
                 if static is None:
                     continue
                 far = q.moved >= far_tokens
-                sel = ds.sel(layer=layer, src=1, tgt=0).isel(step=0, head=0)
-                mr = torch.from_numpy(np.asarray(sel["match_row"].values)[:h, :w].reshape(-1).astype(np.int64))
-                mc = torch.from_numpy(np.asarray(sel["match_col"].values)[:h, :w].reshape(-1).astype(np.int64))
-                pred = (mr * w + mc)[q.src_idx]
-                methods = {"native": hits(pred, q.gt_pix, p, h, w).double(), **static}
+                methods = {"native": hits(index[q.src_idx], q.gt_pix, p, h, w).double(), **static}
                 for method, hit in methods.items():
                     for subset, m in (("all", torch.ones_like(far)), ("far", far)):
                         rows.append(dict(scene=seed, t=t, method=method, layer=layer, grid=f"{h}x{w}", subset=subset,

@@ -1,8 +1,9 @@
-"""Native correspondences of :class:`MultiViewDiT` on rendered sets, and the controls they are judged against.
+"""Native correspondences of the embedded models on rendered sets, and the controls they are judged against.
 
-For a rendered set noised to time ``t``, every attention layer ``blocks.{i}.attn`` gives, for each
-token of view ``src`` (a query), the token of view ``dst`` with the highest attention probability
-(softmax over view ``dst``'s keys only, per head, then averaged over heads). A query is scored when
+For a rendered set noised to time ``t``, every multi-view attention layer ``blocks.{i}.attn`` gives, for
+each token of view ``src`` (a query), the token of view ``dst`` the matcher picks with ``heads="mean"``
+(softmax over view ``dst``'s keys only of the head-averaged logits, argmax), read by the taps through
+:func:`corrlab.probe` (:func:`layer_matches`). A query is scored when
 its token-centre pixel lies on the object and has a visible ground-truth match in view ``dst``
 (:func:`corrlab.geometry.correspondences.ground_truth_match_for`); it is a hit when the predicted
 token is within 1 token (Chebyshev, i.e. the 3 x 3 cells around the true token) of the true token.
@@ -14,21 +15,22 @@ nearest neighbour (patch pixels, L2) on the same noisy input and on the clean im
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from ..errors import CorrlabError
 from ..geometry.correspondences import ground_truth_match_for
-from .dit import MultiViewDiT
+from ..geometry.tokens import pixel_to_token
 from .rays import plucker_ray_embeds, token_centres
 
 __all__ = [
     "TokenQueries",
     "token_queries",
-    "capture_attention_argmax",
+    "layer_matches",
+    "model_argmax",
+    "quick_native_eval",
     "hits",
     "chance_rate",
     "geometry_guess",
@@ -59,10 +61,10 @@ def token_queries(mvs, src: int, dst: int, patch_size: int) -> TokenQueries:
 
 
 def token_cell(pix: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor:
-    """``(N, 2)`` pixels -> ``(N, 2)`` long (row, col) of the token containing them (clamped)."""
-    col = torch.floor((pix[:, 0] + 0.5) / patch_size).long().clamp(0, w - 1)
-    row = torch.floor((pix[:, 1] + 0.5) / patch_size).long().clamp(0, h - 1)
-    return torch.stack([row, col], dim=1)
+    """``(N, 2)`` pixels -> ``(N, 2)`` long (row, col) of the token containing them (clamped;
+    :func:`corrlab.geometry.pixel_to_token` on the ``(h, w)`` grid of ``patch_size`` pixels)."""
+    idx = pixel_to_index(pix, patch_size, h, w)
+    return torch.stack([idx // w, idx % w], dim=1)
 
 
 def hits(pred_idx: torch.Tensor, gt_pix: torch.Tensor, patch_size: int, h: int, w: int, radius: int = 1) -> torch.Tensor:
@@ -92,8 +94,8 @@ def geometry_guess(cam_src, cam_dst, src_pix: torch.Tensor, centre: torch.Tensor
 
 
 def pixel_to_index(pix: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor:
-    cell = token_cell(pix, patch_size, h, w)
-    return cell[:, 0] * w + cell[:, 1]
+    """``(N, 2)`` pixels -> ``(N,)`` row-major index of the token of the ``(h, w)`` grid containing them (clamped)."""
+    return pixel_to_token(pix, (h, w), (h * patch_size, w * patch_size))
 
 
 def appearance_nn(images: torch.Tensor, src: int, dst: int, patch_size: int) -> torch.Tensor:
@@ -110,98 +112,98 @@ def appearance_nn(images: torch.Tensor, src: int, dst: int, patch_size: int) -> 
     return torch.cdist(patches(images[src].double()), patches(images[dst].double())).argmin(dim=1)
 
 
-class ArgmaxCaptureProcessor:
-    """Attention processor that records, per call, the head-averaged attention argmax src -> dst,
-    then runs the ordinary ``AttnProcessor2_0`` (output unchanged)."""
+@torch.no_grad()
+def layer_matches(model, x: torch.Tensor, t: float, prompt_embeds: torch.Tensor, ray_embeds: torch.Tensor,
+                  src: int = 0, dst: int = 1, given: torch.Tensor | None = None) -> dict:
+    """Native matches of every multi-view attention layer in one forward pass, read by the taps.
 
-    def __init__(self, tokens_per_view: int, src: int, dst: int, store: list):
-        self.n, self.src, self.dst, self.store = tokens_per_view, src, dst, store
-        self.inner = AttnProcessor2_0()
+    Runs ``model`` (a :class:`MultiViewDiT` or :class:`~corrlab.model.unet.MultiViewUNet`) once on
+    ``x (V, 3, H, W)`` at time ``t`` under :func:`corrlab.probe` with the matcher's head-averaged softmax
+    (``heads="mean"``: softmax over view ``dst``'s keys of the head-averaged logits, argmax). ``ray_embeds``
+    ``(1, V, 6, h, w)``, ``prompt_embeds (1, D)``, ``given (1, V)`` bool (reference views) or None.
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        with torch.no_grad():
-            B, N, _ = hidden_states.shape
-            heads = attn.heads
-            q = attn.to_q(hidden_states).view(B, N, heads, -1).transpose(1, 2)
-            k = attn.to_k(hidden_states).view(B, N, heads, -1).transpose(1, 2)
-            qs = q[:, :, self.src * self.n : (self.src + 1) * self.n]
-            kd = k[:, :, self.dst * self.n : (self.dst + 1) * self.n]
-            prob = torch.softmax((qs @ kd.transpose(-1, -2)).float() * attn.scale, dim=-1).mean(dim=1)
-            self.store.append(prob.argmax(dim=-1))  # (B, n)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
-@contextmanager
-def capture_attention_argmax(model: MultiViewDiT, tokens_per_view: int, src: int = 0, dst: int = 1):
-    """Within the block, every ``blocks.{i}.attn`` records its argmax; yields ``{layer name: list}``.
-
-    The original processors are restored on exit (also on exceptions).
+    Returns ``{layer: (index (h*w,) long, (h, w))}``: for each token of view ``src`` (row-major) the matched
+    token of view ``dst`` on that layer's grid.
     """
-    originals = {}
-    stores: dict[str, list] = {}
-    try:
-        for i, block in enumerate(model.blocks):
-            name = f"blocks.{i}.attn"
-            originals[name] = block.attn.processor
-            stores[name] = []
-            block.attn.set_processor(ArgmaxCaptureProcessor(tokens_per_view, src, dst, stores[name]))
-        yield stores
-    finally:
-        for i, block in enumerate(model.blocks):
-            name = f"blocks.{i}.attn"
-            if name in originals:
-                block.attn.set_processor(originals[name])
+    from ..probing import probe
+
+    kwargs = {} if given is None else {"given": given.to(model.device)}
+    with probe(model, heads="mean") as rec:
+        model(x[None].to(model.device), torch.tensor([float(t)]), prompt_embeds, ray_embeds.to(model.device), **kwargs)
+    out = {}
+    for layer in rec.layers:
+        h, w = rec.grid(layer)
+        sel = rec.ds.sel(layer=layer, src=src, tgt=dst).isel(step=0, head=0)
+        rows = torch.from_numpy(np.asarray(sel["match_row"].values)[:h, :w].reshape(-1).astype(np.int64))
+        cols = torch.from_numpy(np.asarray(sel["match_col"].values)[:h, :w].reshape(-1).astype(np.int64))
+        out[layer] = (rows * w + cols, (h, w))
+    return out
+
+
+def _ray_embeds(model, cameras, size: int) -> torch.Tensor:
+    cfg = model.config
+    return plucker_ray_embeds(cameras, size, int(getattr(cfg, "patch_size", 1) or 1), cfg.scene_scale)
 
 
 @torch.no_grad()
-def model_argmax(model: MultiViewDiT, mvs, t: float, noise: torch.Tensor, src: int = 0, dst: int = 1):
-    """Noise a rendered set to ``t`` with ``noise (V, 3, H, W)`` and return ``({layer: (h*w,)}, x_t (V, 3, H, W))``."""
-    cfg = model.config
+def model_argmax(model, mvs, t: float, noise: torch.Tensor, src: int = 0, dst: int = 1):
+    """Noise a rendered set to ``t`` with ``noise (V, 3, H, W)``; return ``({layer: (h*w,)}, x_t (V, 3, H, W))``,
+    the matched tokens of :func:`layer_matches` (view ``src`` -> view ``dst``, each layer on its own grid)."""
     H, W = mvs.images.shape[-2:]
     x0 = mvs.images * 2 - 1
     x_t = (1 - t) * x0 + t * noise
-    rays = plucker_ray_embeds(mvs.cameras, (H, W), cfg.patch_size, cfg.scene_scale)
+    rays = _ray_embeds(model, mvs.cameras, H)
     pe = model.encode_prompt([mvs.prompt])
-    n = (H // cfg.patch_size) * (W // cfg.patch_size)
-    with capture_attention_argmax(model, n, src, dst) as stores:
-        model(x_t[None].to(model.device), torch.tensor([t]), pe, rays[None].to(model.device))
-    return {k: v[0][0].cpu() for k, v in stores.items()}, x_t
+    matches = layer_matches(model, x_t, t, pe, rays[None], src, dst)
+    return {layer: index for layer, (index, _) in matches.items()}, x_t
 
 
-def quick_native_eval(model: MultiViewDiT, config=None, n_sets: int = 8, t: float = 0.5, far_tokens: float = 2.0,
+def quick_native_eval(model, config=None, n_sets: int = 8, t: float = 0.5, far_tokens: float = 2.0,
                       seed_start: int = 1_000_000) -> dict:
     """The training-time tracking figure: per-layer hit rate on far-moving tokens (and all tokens) at ``t``,
-    on ``n_sets`` held-out 2-view sets (seeds from ``seed_start``). Returns a flat JSON-able dict."""
+    on ``n_sets`` held-out 2-view sets (seeds from ``seed_start``), view 0 -> view 1, both noised to ``t``,
+    matches from :func:`layer_matches` (the matcher's ``heads="mean"``).
+
+    Each layer is scored on its own token grid (``p = image size / grid``); ``best_far`` and ``chance_far``
+    are those of the finest grid (the DiT has one grid). Returns a flat JSON-able dict.
+    """
     from ..scenes import render_scene
 
     size = int(model.config.sample_size)
-    p = int(model.config.patch_size)
-    h = w = size // p
     per_layer_all: dict[str, list] = {}
     per_layer_far: dict[str, list] = {}
-    chance_far = []
+    layer_grid: dict[str, tuple[int, int]] = {}
+    chance_far: dict[tuple[int, int], list] = {}
     was_training = model.training
     model.eval()
     try:
         for i in range(n_sets):
             mvs = render_scene(seed_start + i, 2, size, "train")
-            q = token_queries(mvs, 0, 1, p)
-            if len(q.src_idx) == 0:
-                continue
             noise = torch.randn(mvs.images.shape, generator=torch.Generator().manual_seed(seed_start + i))
-            argmax, _ = model_argmax(model, mvs, t, noise)
-            far = q.moved >= far_tokens
-            chance_far.append(chance_rate(q.gt_pix[far], p, h, w))
-            for name, am in argmax.items():
-                hit = hits(am[q.src_idx], q.gt_pix, p, h, w)
+            x_t = (1 - t) * (mvs.images * 2 - 1) + t * noise
+            rays = _ray_embeds(model, mvs.cameras, size)
+            matches = layer_matches(model, x_t, t, model.encode_prompt([mvs.prompt]), rays[None], 0, 1)
+            queries: dict[tuple[int, int], TokenQueries] = {}
+            for name, (index, (h, w)) in matches.items():
+                p = size // h
+                if (h, w) not in queries:  # layers share grids: queries and chance once per grid
+                    queries[(h, w)] = q = token_queries(mvs, 0, 1, p)
+                    if len(q.src_idx):
+                        chance_far.setdefault((h, w), []).append(chance_rate(q.gt_pix[q.moved >= far_tokens], p, h, w))
+                q = queries[(h, w)]
+                if len(q.src_idx) == 0:
+                    continue
+                hit = hits(index[q.src_idx], q.gt_pix, p, h, w)
+                layer_grid[name] = (h, w)
                 per_layer_all.setdefault(name, []).append(hit)
-                per_layer_far.setdefault(name, []).append(hit[far])
+                per_layer_far.setdefault(name, []).append(hit[q.moved >= far_tokens])
     finally:
         model.train(was_training)
     out = {"t": t, "n_sets": n_sets}
     for name in per_layer_all:
         out[f"{name}/all"] = round(float(torch.cat(per_layer_all[name]).double().mean()), 4)
         out[f"{name}/far"] = round(float(torch.cat(per_layer_far[name]).double().mean()), 4)
-    out["best_far"] = max((v for k, v in out.items() if k.endswith("/far")), default=float("nan"))
-    out["chance_far"] = round(float(torch.cat(chance_far).mean()), 4) if chance_far else float("nan")
+    finest = max(chance_far, key=lambda g: g[0] * g[1], default=None)
+    out["best_far"] = max((out[f"{n}/far"] for n, g in layer_grid.items() if g == finest), default=float("nan"))
+    out["chance_far"] = round(float(torch.cat(chance_far[finest]).mean()), 4) if finest else float("nan")
     return out

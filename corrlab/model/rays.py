@@ -13,12 +13,14 @@ import torch
 
 from ..errors import CorrlabError, ValueRangeError, describe
 from ..geometry import Camera
+from ..geometry.tokens import token_centres as grid_token_centres
 
 __all__ = ["token_centres", "plucker_ray_embeds"]
 
 
 def token_centres(height: int, width: int, patch_size: int) -> torch.Tensor:
-    """Pixel centres of the tokens of an image, row-major.
+    """Pixel centres of the tokens of an image, row-major (:func:`corrlab.geometry.token_centres` on the
+    patch grid).
 
     Returns ``(h*w, 2)`` float64 pixels ``(x, y)`` with ``h = height // p``, ``w = width // p``.
     """
@@ -26,10 +28,7 @@ def token_centres(height: int, width: int, patch_size: int) -> torch.Tensor:
         raise ValueRangeError(
             f"size: expected height and width divisible by the patch size {patch_size}, got {height}x{width}"
         )
-    h, w = height // patch_size, width // patch_size
-    off = (patch_size - 1) / 2.0
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    return torch.stack([cols.reshape(-1) * patch_size + off, rows.reshape(-1) * patch_size + off], dim=1)
+    return grid_token_centres((height // patch_size, width // patch_size), (height, width))
 
 
 def plucker_ray_embeds(

@@ -25,7 +25,8 @@ from .scoring import (
     score_record,
     score_token_matches,
 )
-from .taps import AttentionCall, AttentionTaps, LayerInfo, TokenLayout, list_layers
+from .taps import AttentionCall, AttentionTaps, LayerInfo, StepClock, TokenLayout, list_layers
+from .attention_cache import AttentionCache, cache_attention
 
 __all__ = [
     "probe",
@@ -65,4 +66,7 @@ __all__ = [
     "LayerInfo",
     "TokenLayout",
     "list_layers",
+    "StepClock",
+    "AttentionCache",
+    "cache_attention",
 ]

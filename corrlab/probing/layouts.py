@@ -20,19 +20,13 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import CorrlabError, ShapeError, ValueRangeError, check_shape, describe
+from ..errors import CorrlabError, ShapeError, ValueRangeError, check_positive_pair, check_shape, describe
+from ..geometry.tokens import pixel_to_token, token_centres
 
-__all__ = ["TokenLayout", "ImageTokens", "grid_from_token_count", "Family", "register_family", "unregister_family"]
-
-
-def _positive_pair(name: str, value) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in value)
-    except (TypeError, ValueError):
-        raise CorrlabError(f"{name}: expected a pair of positive integers, got {describe(value)}") from None
-    if a <= 0 or b <= 0 or (a, b) != tuple(value):
-        raise ValueRangeError(f"{name}: expected a pair of positive integers, got {tuple(value)!r}")
-    return a, b
+__all__ = [
+    "TokenLayout", "ImageTokens", "grid_from_token_count", "layer_sort_key", "Family", "register_family",
+    "unregister_family",
+]
 
 
 @dataclass(frozen=True)
@@ -59,8 +53,8 @@ class TokenLayout:
             raise ValueRangeError(f"num_images: expected a positive integer, got {self.num_images!r}")
         if not isinstance(self.row_wise, bool):
             raise CorrlabError(f"row_wise: expected a bool, got {self.row_wise!r}")
-        object.__setattr__(self, "grid", _positive_pair("grid", self.grid))
-        object.__setattr__(self, "image_size", _positive_pair("image_size", self.image_size))
+        object.__setattr__(self, "grid", check_positive_pair("grid", self.grid))
+        object.__setattr__(self, "image_size", check_positive_pair("image_size", self.image_size))
 
     @property
     def tokens_per_image(self) -> int:
@@ -68,31 +62,16 @@ class TokenLayout:
         return self.grid[0] * self.grid[1]
 
     def token_centres(self) -> torch.Tensor:
-        """``(h*w, 2)`` float64 pixel ``(x, y)`` centres of the tokens of one image, row-major."""
-        h, w = self.grid
-        H, W = self.image_size
-        rows = torch.arange(h, dtype=torch.float64)
-        cols = torch.arange(w, dtype=torch.float64)
-        y = (rows + 0.5) * (H / h) - 0.5
-        x = (cols + 0.5) * (W / w) - 0.5
-        yy, xx = torch.meshgrid(y, x, indexing="ij")
-        return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+        """``(h*w, 2)`` float64 pixel ``(x, y)`` centres of the tokens of one image, row-major
+        (:func:`corrlab.geometry.token_centres`)."""
+        return token_centres(self.grid, self.image_size)
 
     def pixel_to_token(self, xy: torch.Tensor) -> torch.Tensor:
         """``xy (N, 2)`` pixel ``(x, y)`` -> ``(N,)`` long row-major index of the token containing it.
 
-        Pixels outside the image are clamped to the nearest border token.
+        Pixels outside the image are clamped to the nearest border token (:func:`corrlab.geometry.pixel_to_token`).
         """
-        xy = torch.as_tensor(xy)
-        check_shape("xy", xy, (None, 2), "(N, 2)")
-        xy = xy.to(torch.float64)
-        if not bool(torch.isfinite(xy).all()):
-            raise ValueRangeError(f"xy: expected finite pixel coordinates, got non-finite values in {describe(xy)}")
-        h, w = self.grid
-        H, W = self.image_size
-        col = torch.floor((xy[:, 0] + 0.5) * (w / W)).long().clamp_(0, w - 1)
-        row = torch.floor((xy[:, 1] + 0.5) * (h / H)).long().clamp_(0, h - 1)
-        return row * w + col
+        return pixel_to_token(xy, self.grid, self.image_size)
 
 
 def grid_from_token_count(num_tokens: int, latent_size: tuple[int, int], max_halvings: int = 8) -> tuple[int, int]:
@@ -224,10 +203,15 @@ _CONTAINER_ORDER = {
 }
 
 
-def layer_sort_key(name: str) -> tuple:
-    """Sort key putting layer names in the order the forward runs them (indices parsed as numbers)."""
+def layer_sort_key(name: Any) -> tuple:
+    """Sort key putting layer names in the order the forward runs them (indices parsed as numbers).
+
+    ``blocks.2.attn`` < ``blocks.10.attn``; UNets: ``down_blocks`` < ``mid_block`` < ``up_blocks``; Flux: the
+    joint ``transformer_blocks`` before the ``single_transformer_blocks``. Unknown containers sort by name
+    after the known ones. The one layer order of corrlab (taps, records, plots, widgets).
+    """
     key = []
-    for part in name.split("."):
+    for part in str(name).split("."):
         if part.isdigit():
             key.append((1, int(part), ""))
         else:

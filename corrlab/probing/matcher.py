@@ -45,6 +45,7 @@ __all__ = [
     "match_tokens",
     "match_views",
     "match_layout",
+    "similarity_map",
     "window_offsets",
     "check_matching_options",
     "HistoryMax",
@@ -176,6 +177,51 @@ def _check_qk(q_src: torch.Tensor, k_tgt: torch.Tensor, grid_tgt, scale) -> tupl
     return h, w
 
 
+def _similarity_operands(q_src: torch.Tensor, k_tgt: torch.Tensor, scale: float, heads: str,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q (H', Ns, D), k (H', T, Nt, D))`` whose products ``q @ k^T`` are the similarities S.
+
+    Per head: ``scale * q_h . k_h``; ``heads="mean"``: ``mean_h (scale q_h . k_h)``, one dot product over the
+    concatenated heads with scale / H (``H' = 1``).
+    """
+    n_heads, n_src, dim = q_src.shape
+    if heads == "mean":
+        q = q_src.permute(1, 0, 2).reshape(1, n_src, n_heads * dim).to(dtype) * (scale / n_heads)
+        k = k_tgt.permute(1, 2, 0, 3).reshape(1, k_tgt.shape[1], k_tgt.shape[2], n_heads * dim).to(dtype)
+        return q, k
+    return q_src.to(dtype) * scale, k_tgt.to(dtype)
+
+
+@torch.no_grad()
+def similarity_map(
+    q_src: torch.Tensor,
+    k_tgt: torch.Tensor,
+    *,
+    scale: float,
+    similarity: Similarity = "softmax",
+    heads: HeadMode = "per_head",
+) -> torch.Tensor:
+    """The matcher's score ``P`` of every (source, target) token pair, materialised (for displays).
+
+    Args:
+        q_src: ``(heads, Ns, d)``; k_tgt: ``(heads, T, Nt, d)``; scale, similarity, heads: as in
+            :func:`match_views` (the dual softmax's column normaliser runs over the ``Ns`` given sources).
+
+    Returns:
+        ``(H', T, Ns, Nt)`` in the compute dtype (float32 for half inputs): ``softmax_l(S)`` or
+        ``softmax_l(S) * softmax_p(S)``; its argmax over the last axis is :func:`match_views`' ``index``.
+        Holds ``H' T Ns Nt`` values: :func:`match_views` never builds it.
+    """
+    check_choice("similarity", similarity, ("softmax", "dual_softmax"))
+    check_choice("heads", heads, ("per_head", "mean"))
+    _check_qk(q_src, k_tgt, (1, k_tgt.shape[2]) if isinstance(k_tgt, torch.Tensor) and k_tgt.ndim == 4 else (1, 1), scale)
+    dtype = torch.float32 if q_src.dtype in (torch.float16, torch.bfloat16) else q_src.dtype
+    q, k = _similarity_operands(q_src, k_tgt, float(scale), heads, dtype)
+    sim = torch.matmul(q[:, None], k.transpose(-1, -2))  # (H', T, Ns, Nt)
+    p = torch.softmax(sim, dim=-1)
+    return p * torch.softmax(sim, dim=-2) if similarity == "dual_softmax" else p
+
+
 class Workspace:
     """Reusable scratch buffers, one flat buffer per name, grown on demand (never shrunk)."""
 
@@ -228,19 +274,13 @@ def match_views(
     """
     opts = check_matching_options(similarity, heads, confidence, threshold, window_radius, mutual, chunk_size, strict)
     h, w = _check_qk(q_src, k_tgt, grid_tgt, scale)
-    n_heads, n_src, dim = q_src.shape
+    n_src = q_src.shape[1]
     n_tgt_views, n_tgt = k_tgt.shape[1], k_tgt.shape[2]
     device = q_src.device
     dtype = torch.float32 if q_src.dtype in (torch.float16, torch.bfloat16) else q_src.dtype
     scale = float(scale)
 
-    if heads == "mean":
-        # mean_h (scale q_h . k_h) is one dot product over the concatenated heads with scale / H.
-        q = q_src.permute(1, 0, 2).reshape(1, n_src, n_heads * dim).to(dtype) * (scale / n_heads)
-        k = k_tgt.permute(1, 2, 0, 3).reshape(1, n_tgt_views, n_tgt, n_heads * dim).to(dtype)
-    else:
-        q = q_src.to(dtype) * scale
-        k = k_tgt.to(dtype)
+    q, k = _similarity_operands(q_src, k_tgt, scale, heads, dtype)
     hp = q.shape[0]
     k_t = k.transpose(-1, -2)  # (H', T, D, Nt)
     ws = workspace if workspace is not None else Workspace()

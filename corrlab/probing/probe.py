@@ -13,9 +13,9 @@ extra memory per call is ``O(chunk_size x h*w)``; no second forward pass) and st
 the matched token, its confidence and the kept flag. The record grows by a few bytes per (layer, step,
 pair, head, token), independent of anything else.
 
-Steps: a step is a run of denoiser calls with the same ``timestep`` value, counted from 0 in call order
-(a call without a timestep is a step of its own). Within a step only the first call of a layer is
-recorded (e.g. the positive-prompt call of a true-CFG pipeline that calls the denoiser twice).
+Steps: the taps' step clock (:class:`corrlab.probing.taps.StepClock`): a step is a run of denoiser calls
+with the same ``timestep`` value, counted from 0 in call order (a call without a timestep is a step of its
+own). Within a step only the first call of a layer is recorded (e.g. the positive-prompt call of a true-CFG pipeline that calls the denoiser twice).
 
 Row-wise layers (MV-Adapter's row-wise multi-view attention, ``call.layout.row_wise``): a token's
 candidates are the tokens of the same row of each other image, so matching runs row by row
@@ -34,17 +34,12 @@ from typing import Any, Iterator, Sequence
 
 
 from ..errors import CorrlabError, ValueRangeError, describe
+from .attention_cache import is_corrlab_model, check_steps, conditional_batch_entry
 from .matcher import MATCHING_DEFAULTS, HistoryMax, Workspace, check_matching_options, match_layout
 from .record import ProbeRecord, RecordBuilder
 from .taps import AttentionCall, AttentionTaps, list_layers
 
 __all__ = ["probe", "ProbeRecorder"]
-
-
-def _is_corrlab(model_or_pipeline: Any) -> bool:
-    from ..model import CorrlabPipeline, MultiViewDiT
-
-    return isinstance(model_or_pipeline, (CorrlabPipeline, MultiViewDiT))
 
 
 class ProbeRecorder:
@@ -59,30 +54,14 @@ class ProbeRecorder:
         self.matching = matching
         self.history = HistoryMax(history) if history is not None else None
         self.workspace = Workspace()  # block buffers reused across calls: O(chunk_size x h*w) memory
-        self.corrlab_model = _is_corrlab(model_or_pipeline)
-        self.step = -1
-        self._last_call: int | None = None
-        self._last_timestep: float | None = None
+        self.corrlab_model = is_corrlab_model(model_or_pipeline)
         self._done: set[tuple[str, int]] = set()
 
-    def _step_of(self, call: AttentionCall) -> int:
-        if call.call_index != self._last_call:
-            if call.timestep is None or self._last_timestep is None or call.timestep != self._last_timestep:
-                self.step += 1
-            self._last_call, self._last_timestep = call.call_index, call.timestep
-        return self.step
-
     def _batch_entry(self, batch: int) -> int:
-        b = self.batch_index
-        if b is None:
-            cfg = bool(getattr(self.target, "do_classifier_free_guidance", False)) and not self.corrlab_model
-            b = batch // 2 if cfg and batch % 2 == 0 else 0
-        if not -batch <= b < batch:
-            raise ValueRangeError(f"batch_index: expected an index into the layer's batch of {batch}, got {b}")
-        return b % batch
+        return conditional_batch_entry(self.target, batch, self.batch_index, self.corrlab_model)
 
     def __call__(self, call: AttentionCall) -> None:
-        step = self._step_of(call)
+        step = call.step  # the taps' step clock
         key = (call.layer, step)
         wanted = (self.steps is None or step in self.steps) and key not in self._done
         if not wanted and self.history is None:
@@ -106,16 +85,6 @@ class ProbeRecorder:
                              workspace=self.workspace, **self.matching)
             self.builder.add(call.layer, step, call.timestep, i, tgts, m.index, m.confidence, m.kept, num_images)
         return None
-
-
-def _check_steps(steps) -> list[int] | None:
-    if steps is None:
-        return None
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        steps = [steps]
-    if isinstance(steps, (str, bytes)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
-        raise ValueRangeError(f"steps: expected None or a list of step indices >= 0, got {describe(steps)}")
-    return sorted(set(steps))
 
 
 @contextmanager
@@ -152,7 +121,7 @@ def probe(
     if unknown:
         raise CorrlabError(f"matching: unknown options {unknown}; expected some of {sorted(MATCHING_DEFAULTS)}")
     options = check_matching_options(**{**MATCHING_DEFAULTS, **matching})
-    step_list = _check_steps(steps)
+    step_list = check_steps(steps)
     if batch_index is not None and (isinstance(batch_index, bool) or not isinstance(batch_index, int)):
         raise ValueRangeError(f"batch_index: expected None or an int, got {batch_index!r}")
     if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):

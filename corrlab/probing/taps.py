@@ -39,6 +39,7 @@ from .layouts import Denoiser, ImageTokens, LayerEntry, TokenLayout, find_layers
 __all__ = [
     "TokenLayout",
     "AttentionCall",
+    "StepClock",
     "LayerInfo",
     "list_layers",
     "AttentionTaps",
@@ -56,7 +57,8 @@ class AttentionCall:
     copies for row-wise layouts, whose rows sit in separate kernel entries); ``scale``: the softmax scale
     the kernel applies; ``call_index``: how many denoiser forward calls happened before this one inside
     the taps context; ``timestep``: the denoiser's ``timestep`` argument as a float (None when absent or
-    when its entries differ).
+    when its entries differ); ``step``, ``slot``, ``generation``: the taps' :class:`StepClock` at this call
+    (the one step clock every consumer reads).
     """
 
     layer: str
@@ -68,6 +70,9 @@ class AttentionCall:
     layout: TokenLayout
     call_index: int
     timestep: float | None
+    step: int
+    slot: int
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -115,17 +120,46 @@ class _ForwardState:
     layout: dict
     call_index: int
     timestep: float | None
+    step: int
+    slot: int
+    generation: int
 
 
-class _Counter:
+class StepClock:
+    """The one step clock of corrlab: denoising steps derived from the denoiser's forward calls.
+
+    A *step* is a run of consecutive denoiser calls with the same timestep, counted from 0 in call order
+    since the taps were entered (a call without a timestep is a step of its own); ``slot`` is a call's
+    position within its step (e.g. a true-CFG pipeline's second guidance branch: slot 1); a timestep
+    larger than the previous call's starts a new *generation* (the sampler went back to noise).
+    Shared by all denoisers of one :class:`AttentionTaps` (``call_index`` counts their calls together).
+    """
+
     def __init__(self) -> None:
         self.calls = 0
+        self.step = -1
+        self.slot = 0
+        self.generation = 0
+        self._last: float | None = None
+
+    def tick(self, timestep: float | None) -> None:
+        """Advance for one denoiser forward call with ``timestep`` (None: unknown)."""
+        last = self._last
+        if timestep is not None and last is not None and timestep > last:
+            self.generation += 1
+        if timestep is None or last is None or timestep != last:
+            self.step += 1
+            self.slot = 0
+        else:
+            self.slot += 1
+        self._last = timestep
+        self.calls += 1
 
 
 class _DenoiserWatch:
     """Forward pre-hook (with kwargs) on a denoiser: the layout arguments and timestep of the current call."""
 
-    def __init__(self, denoiser: Denoiser, counter: _Counter):
+    def __init__(self, denoiser: Denoiser, counter: StepClock):
         self.denoiser, self.counter = denoiser, counter
         self.current: _ForwardState | None = None
         self._signature = inspect.signature(denoiser.module.forward)
@@ -141,8 +175,9 @@ class _DenoiserWatch:
             raise CorrlabError(f"{type(module).__name__}.forward: arguments do not match its signature ({e})") from None
         layout = self.denoiser.family.read_forward(module, arguments)
         t = arguments.get(getattr(self.denoiser.family, "timestep_argument", "timestep"))
-        self.current = _ForwardState(layout, self.counter.calls, _timestep_value(t))
-        self.counter.calls += 1
+        clock, timestep = self.counter, _timestep_value(t)
+        clock.tick(timestep)
+        self.current = _ForwardState(layout, clock.calls - 1, timestep, clock.step, clock.slot, clock.generation)
 
     def _after(self, module, args, output):
         self.current = None
@@ -192,6 +227,9 @@ class _Tap:
             layout=tokens.layout,
             call_index=state.call_index,
             timestep=state.timestep,
+            step=state.step,
+            slot=state.slot,
+            generation=state.generation,
         )
         replacement = self.on_call(record)
         del record
@@ -270,7 +308,7 @@ class AttentionTaps:
             raise CorrlabError("AttentionTaps: this instance is already active; use a new one for nested taps")
         self._active = True
         try:
-            counter = _Counter()
+            counter = StepClock()
             watches: dict[int, _DenoiserWatch] = {}
             for entry in self.entries:
                 d = entry.denoiser

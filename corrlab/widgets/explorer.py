@@ -2,8 +2,9 @@
 
 A thin ipywidgets 8 dashboard over :mod:`corrlab.plotting`. It reads a probing record (an xarray
 Dataset with dims ``(layer, step, src, tgt, head, row, col)`` and variables ``match_x``, ``match_y``,
-``confidence``, ``kept``), the generated views and their cameras, and optionally the captured queries
-and keys (:func:`corrlab.widgets.features.capture_queries_keys`) for heat maps and the PCA view.
+``confidence``, ``kept``), the generated views and their cameras, and optionally an attention cache
+(:func:`corrlab.probing.cache_attention`: the layers' q and k read off the taps, for every model family
+the taps support) for heat maps and the PCA view.
 Every figure is an ``ipywidgets.Image`` holding PNG bytes, so the state can be checked without a kernel.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ipywidgets as widgets
 import numpy as np
 
 from ..errors import CorrlabError, describe
+from ..geometry.tokens import token_centres
 from ..plotting import (
     correspondence_figure,
     figure_to_png,
@@ -25,7 +27,7 @@ from ..plotting import (
 )
 from .common import figure_image, guarded, set_figure, show_message
 
-__all__ = ["CorrespondenceExplorer", "RECORD_DIMS", "RECORD_VARIABLES", "check_record", "token_centres_px"]
+__all__ = ["CorrespondenceExplorer", "RECORD_DIMS", "RECORD_VARIABLES", "check_record"]
 
 RECORD_DIMS = ("layer", "step", "src", "tgt", "head", "row", "col")
 RECORD_VARIABLES = ("match_x", "match_y", "kept")
@@ -49,19 +51,6 @@ def check_record(record: Any):
     return ds
 
 
-def token_centres_px(rows: int, cols: int, height: int, width: int) -> np.ndarray:
-    """``(rows * cols, 2)`` pixel centres (x, y) of a row-major token grid over an image.
-
-    Token ``(r, c)`` covers pixels ``[r * p, (r + 1) * p)`` with ``p = height / rows``; its centre is
-    ``(c * p + (p - 1) / 2, r * p + (p - 1) / 2)`` (corrlab's pixel convention).
-    """
-    if rows < 1 or cols < 1 or height % rows or width % cols:
-        raise CorrlabError(f"rows, cols: expected a token grid dividing the {height} x {width} image, got {rows} x {cols}")
-    py, px = height / rows, width / cols
-    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    return np.stack([c * px + (px - 1) / 2, r * py + (py - 1) / 2], axis=-1).reshape(-1, 2).astype(np.float64)
-
-
 def _views_and_cameras(views: Any, cameras: Any):
     images = getattr(views, "images", views)
     if cameras is None:
@@ -81,7 +70,9 @@ class CorrespondenceExplorer:
         views: the generated ``MultiViewSet`` (images and cameras) or ``(V, 3, H, W)`` images.
         cameras: cameras of the views (default: ``views.cameras``, else the record's); enable epipolar
             lines and the correct / wrong colouring.
-        features: a :class:`~corrlab.widgets.features.QueryKeyCapture` for heat maps and the PCA view.
+        features: an :class:`~corrlab.probing.AttentionCache` of the same generation
+            (:func:`corrlab.probing.cache_attention`) for the similarity heat maps (the matcher's softmax:
+            :func:`corrlab.plotting.token_similarity`) and the PCA view.
         matchers: ``{name: matcher(img0, img1) -> Matches}`` baselines (default: every matcher of
             :mod:`corrlab.baselines` whose weights are installed: SIFT, DISK+LightGlue, SuperPoint; the first
             is selected, the others run when picked).
@@ -192,32 +183,32 @@ class CorrespondenceExplorer:
         if not self._quiet:
             self.refresh(parts)
 
-    def _on_layer(self, _change) -> None:
+    def _update_then_redraw(self, update, parts) -> None:
+        """Run ``update()`` (which sets controls) without redrawing per control, then redraw ``parts`` once."""
         self._quiet, was = True, self._quiet
         try:
-            self._update_layer_controls()
+            update()
         finally:
             self._quiet = was
-        self._on_change(("correspondence", "pair", "pca"))
+        self._on_change(parts)
+
+    def _on_layer(self, _change) -> None:
+        self._update_then_redraw(self._update_layer_controls, ("correspondence", "pair", "pca"))
 
     def _on_source(self, _change) -> None:
-        self._quiet, was = True, self._quiet
-        try:
-            self._update_targets()
-        finally:
-            self._quiet = was
-        self._on_change(None)
+        self._update_then_redraw(self._update_targets, None)
+
+    def _layer_size(self, coord: str, dim: str, layer: str | None = None) -> int:
+        """A per-layer size coordinate of the record (e.g. ``grid_rows``), else the padded dim's size."""
+        lay = self.ds.sel(layer=layer or self.layer.value)
+        return int(lay[coord]) if coord in lay.coords else int(self.ds.sizes[dim])
 
     def grid(self, layer: str | None = None) -> tuple[int, int]:
         """Token grid ``(rows, cols)`` of ``layer`` (default: the selected one)."""
-        lay = self.ds.sel(layer=layer or self.layer.value)
-        if "grid_rows" in lay.coords:
-            return int(lay["grid_rows"]), int(lay["grid_cols"])
-        return self.ds.sizes["row"], self.ds.sizes["col"]
+        return self._layer_size("grid_rows", "row", layer), self._layer_size("grid_cols", "col", layer)
 
     def _num_heads(self) -> int:
-        lay = self.ds.sel(layer=self.layer.value)
-        return int(lay["num_heads"]) if "num_heads" in lay.coords else self.ds.sizes["head"]
+        return self._layer_size("num_heads", "head")
 
     def _update_layer_controls(self, centre: bool = False) -> None:
         rows, cols = self.grid()
@@ -254,7 +245,7 @@ class CorrespondenceExplorer:
             ys = lay["src_y"].values[:rows, :cols].reshape(-1)
             if np.isfinite(xs).all() and np.isfinite(ys).all():
                 return np.stack([xs, ys], axis=1).astype(np.float64)
-        return token_centres_px(rows, cols, self.height, self.width)
+        return token_centres((rows, cols), (self.height, self.width)).numpy()
 
     def source_xy(self) -> np.ndarray:
         """``(2,)`` pixel centre of the selected source token."""
@@ -286,7 +277,7 @@ class CorrespondenceExplorer:
         cell = self._cell()
         src, r, c = int(self.source.value), self.row.value, self.col.value
         sxy = self.source_xy()
-        matches, kept, heatmaps, epi = {}, {}, {}, {}
+        matches, kept, epi = {}, {}, {}
         for tgt in (int(t) for t in cell["tgt"].values):
             if tgt == src:
                 continue
@@ -295,18 +286,37 @@ class CorrespondenceExplorer:
             kept[tgt] = one["kept"].values.reshape(-1).astype(bool)
             if self.cameras is not None:
                 epi[tgt] = epipolar_lines(sxy[None], self._fundamental(src, tgt))[0].numpy()
-            if self._has_features():
-                q = self.features.query(self.layer.value, self.step.value, src, r, c)
-                k = self.features.view_keys(self.layer.value, self.step.value, tgt)
-                if self.head.value != "all":
-                    q, k = q[[self.head.value]], k[[self.head.value]]
-                heatmaps[tgt] = token_similarity(q, k)
+        heatmaps = self.similarity_maps()
         n_kept = sum(int(k.sum()) for k in kept.values())
         n_all = sum(int(np.isfinite(m).all(1).sum()) for m in matches.values())
         title = (f"{self.layer.value}, step {self.step.value}, token ({r}, {c}) of view {src}: "
                  f"{n_kept}/{n_all} matches kept")
         set_figure(self.correspondence, correspondence_figure(
             self.images, src, sxy, matches, kept, heatmaps or None, epi or None, title=title))
+
+    def similarity_maps(self) -> dict[int, np.ndarray]:
+        """``{target view: (h, w) map}`` of the selected source token (empty without cached q / k): the matcher's
+        head-averaged softmax over the selected heads (:func:`corrlab.plotting.token_similarity`, the layer's
+        own scale); on a row-wise layer over the token's row only (the rest of the map is 0)."""
+        if not self._has_features():
+            return {}
+        layer, step, src = self.layer.value, self.step.value, int(self.source.value)
+        r, c = self.row.value, self.col.value
+        q = self.features.query(layer, step, src, r, c)
+        layout, scale = self.features.layout(layer, step), self.features.scale(layer, step)
+        maps = {}
+        for tgt in range(layout.num_images):
+            if tgt == src:
+                continue
+            k = self.features.view_keys(layer, step, tgt)
+            qh, kh = (q, k) if self.head.value == "all" else (q[[self.head.value]], k[[self.head.value]])
+            if layout.row_wise:
+                full = np.zeros(layout.grid)
+                full[r:r + 1] = token_similarity(qh, kh[:, r:r + 1], scale)
+                maps[tgt] = full
+            else:
+                maps[tgt] = token_similarity(qh, kh, scale)
+        return maps
 
     def _correct(self, src: int, tgt: int, pts0: np.ndarray, pts1: np.ndarray):
         if self.cameras is None:
@@ -349,14 +359,13 @@ class CorrespondenceExplorer:
                                                      correct=correct, title=what))
 
     def _has_features(self) -> bool:
-        f = self.features
-        return f is not None and (self.layer.value, self.step.value) in getattr(f, "keys", {})
+        return self.features is not None and (self.layer.value, self.step.value) in self.features
 
     def _draw_pca(self) -> None:
         if not self._has_features():
             set_figure(self.pca, message_figure(
                 f"keys of {self.layer.value} at step {self.step.value} were not captured: pass "
-                "features=capture_queries_keys(...) for the PCA view and heat maps", width=9, height=0.8))
+                "features=cache_attention(...) for the PCA view and heat maps", width=9, height=0.8))
             return
         key = (self.layer.value, self.step.value)
         if key not in self._pca_cache:
