@@ -270,7 +270,8 @@ class AttentionTaps:
     ``on_call(call: AttentionCall) -> None | Tensor`` runs on every call of a tapped layer; see the module
     docstring. ``image_scale`` (optional) sets decoded pixels per latent pixel for the layouts' image
     sizes (default: the pipeline's VAE scale factor, 1 for a bare model). Everything attached is removed
-    on exit, also when the block raises. Not re-entrant: one ``with`` at a time per instance.
+    on exit, also when the block raises. Constructing it attaches nothing: ``with taps:``, or
+    ``taps.attach()`` ... ``taps.remove()``. Not re-entrant: one attachment at a time per instance.
     """
 
     def __init__(
@@ -297,7 +298,9 @@ class AttentionTaps:
         """Names of the tapped layers, in forward order."""
         return [e.name for e in self.entries]
 
-    def __enter__(self) -> "AttentionTaps":
+    def attach(self) -> "AttentionTaps":
+        """Attach the taps (hooks on the tapped layers and their denoisers) and return this object as the
+        handle; :meth:`remove` detaches. ``with taps:`` does both. Calls in the attaching thread are tapped."""
         if self._active:
             raise CorrlabError("AttentionTaps: this instance is already active; use a new one for nested taps")
         self._active = True
@@ -313,17 +316,25 @@ class AttentionTaps:
                 tap = _Tap(entry, watches[id(d.module)], self.on_call, scale)
                 self._handles.append(interception.attach(entry.module, tap, tap.check_kernel_called))
         except BaseException:
-            self._detach()
+            self.remove()
             raise
         return self
 
-    def _detach(self) -> None:
+    def remove(self) -> None:
+        """Detach everything :meth:`attach` attached (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
         self._active = False
 
+    @property
+    def attached(self) -> bool:
+        return self._active
+
+    def __enter__(self) -> "AttentionTaps":
+        return self.attach()
+
     def __exit__(self, *exc) -> bool:
-        self._detach()
+        self.remove()
         return False
 
 
