@@ -5,8 +5,9 @@
 >>> rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)          # doctest: +SKIP
 >>> rec.ds          # xarray Dataset (layer, step, src, tgt, head, row, col)     # doctest: +SKIP
 
-The probe taps the layers through :class:`corrlab.probing.taps.AttentionTaps` (observe only: the model's
-outputs stay bit-identical, and everything is detached on exit, also on exceptions). On each call of a
+The probe taps the layers through :class:`corrlab.probing.taps.AttentionTaps` (in the default exact mode
+it observes only: the model's outputs stay bit-identical; see "Kernel modes" below), and everything is
+detached on exit, also on exceptions. Calls in the thread that entered the ``with`` are recorded. On each call of a
 selected layer at a selected step it matches, for every ordered image pair (i != j), the queries of
 image i against the keys of image j with :func:`corrlab.probing.matcher.match_views` (chunked, so the
 extra memory per call is ``O(chunk_size x h*w)``; no second forward pass) and stores, per source token,
