@@ -779,16 +779,14 @@ class CorrAdapterHandle:
         """Attach the adapter (a no-op when already enabled); starts counting steps from 0."""
         if self._taps is None:
             self.adapter.reset()
-            taps = AttentionTaps(self.target, self._layers, self.adapter)
-            taps.__enter__()
-            self._taps = taps
+            self._taps = AttentionTaps(self.target, self._layers, self.adapter).attach()
         return self
 
     def disable(self) -> "CorrAdapterHandle":
         """Detach the adapter (a no-op when disabled); the model computes exactly what it did before."""
         taps, self._taps = self._taps, None
         if taps is not None:
-            taps.__exit__(None, None, None)
+            taps.remove()
         return self
 
     def reset(self) -> None:

@@ -24,6 +24,7 @@ Both are *structural* interceptors (:mod:`corrlab.probing.interception`): probes
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -101,9 +102,12 @@ class _ForwardShapes:
 
     def __init__(self, module: Any):
         self.text, self.image = 0, None
+        self.owner = threading.get_ident()  # calls in other threads are not grouped (see interception)
         self._handle = module.register_forward_pre_hook(self._read, with_kwargs=True)
 
     def _read(self, module, args, kwargs):
+        if threading.get_ident() != self.owner:
+            return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if text is None or hidden is None:
@@ -118,32 +122,51 @@ class _ForwardShapes:
 
 
 class ExtendedAttention:
-    """Handle returned by :func:`extended_attention`; a context manager, or call :meth:`remove`."""
+    """Extended attention on a model, not yet attached: ``with`` it, or :meth:`attach` / :meth:`remove`.
+
+    Construction validates the model and attaches nothing (no side effects); :meth:`attach` registers the
+    hooks (calls in the attaching thread are grouped, see :mod:`corrlab.probing.interception`) and
+    returns this object as the handle; :meth:`remove` detaches (idempotent). Not re-entrant.
+    """
 
     def __init__(self, model_or_pipeline: Any, num_images: int):
         self.num_images = _check_num_images(num_images)
+        self._denoisers = find_denoisers(model_or_pipeline)
+        for denoiser in self._denoisers:
+            family = denoiser.family.name
+            if family not in ("unet_self", "flux"):
+                raise CorrlabError(
+                    f"model_or_pipeline: extended attention supports single-image UNet2DConditionModel and "
+                    f"FluxTransformer2DModel denoisers, got a {family} denoiser ({type(denoiser.module).__name__}), "
+                    f"which already attends across images"
+                )
         self._handles: list = []
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def attach(self) -> "ExtendedAttention":
+        """Attach to the model; returns this object (the handle). Raises if already attached."""
+        if self._attached:
+            raise CorrlabError("ExtendedAttention: already attached; remove() it first or use a new one")
+        self._attached = True
         try:
-            for d in find_denoisers(model_or_pipeline):
+            for d in self._denoisers:
                 self._attach(d)
         except BaseException:
             self.remove()
             raise
+        return self
 
     def _attach(self, denoiser) -> None:
-        family = denoiser.family.name
-        if family == "unet_self":
+        if denoiser.family.name == "unet_self":
             group = GroupAttention(self.num_images)
-        elif family == "flux":
+        else:  # flux (checked in __init__)
             shapes = _ForwardShapes(denoiser.module)
             self._handles.append(shapes)
             group = GroupAttention(self.num_images, lambda: shapes.text, lambda: shapes.image)
-        else:
-            raise CorrlabError(
-                f"model_or_pipeline: extended attention supports single-image UNet2DConditionModel and "
-                f"FluxTransformer2DModel denoisers, got a {family} denoiser ({type(denoiser.module).__name__}), "
-                f"which already attends across images"
-            )
         for _, module, _ in denoiser.family.layers(denoiser.module):
             self._handles.append(interception.attach(module, group))
 
@@ -151,9 +174,10 @@ class ExtendedAttention:
         """Detach from the model (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
+        self._attached = False
 
     def __enter__(self) -> "ExtendedAttention":
-        return self
+        return self.attach()
 
     def __exit__(self, *exc) -> bool:
         self.remove()
@@ -164,7 +188,8 @@ def extended_attention(model_or_pipeline: Any, num_images: int) -> ExtendedAtten
     """Make a single-image model's self-attention layers attend across groups of ``num_images`` images.
 
     Use as ``with extended_attention(pipe.unet, 4): pipe(prompt, num_images_per_prompt=4)``; the model is
-    restored when the block ends (also on exceptions), or when the handle's ``remove()`` is called.
+    restored when the block ends (also on exceptions). Without ``with``, nothing is attached until
+    ``handle = extended_attention(...).attach()``; ``handle.remove()`` restores the model.
     Supported: ``UNet2DConditionModel`` (``attn1`` layers) and ``FluxTransformer2DModel`` (all attention
     layers, text tokens kept per image), or pipelines holding them.
     """

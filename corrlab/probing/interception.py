@@ -1,26 +1,51 @@
-"""Run code around the attention kernel call of one diffusers attention layer.
+"""The one place where corrlab intercepts attention kernels: run code around the kernel call of a layer.
 
-Diffusers attention processors build q, k, v and then call a kernel, looked up by name in the
-globals of the processor's ``__call__``:
+Which path each model family takes, and why a patch remains where one does:
 
-* legacy processors (``AttnProcessor2_0``, used by ``Attention``: UNets, the embedded model) call
-  ``F.scaled_dot_product_attention(q, k, v, ...)`` with ``(B, heads, S, d)`` tensors;
-* ``AttentionModuleMixin`` processors (Flux, Wan) call ``dispatch_attention_fn(q, k, v, ...)`` with
-  ``(B, S, heads, d)`` tensors.
+* **Legacy ``Attention`` (UNets, corrlab's embedded DiT/UNet)** with ``AttnProcessor2_0``: the processor
+  computes q, k, v (after norms) and calls ``F.scaled_dot_product_attention(q, k, v, ...)`` with
+  ``(B, heads, S, d)`` tensors, ``F`` looked up in the globals of ``diffusers.models.attention_processor``.
+  diffusers' sanctioned extension point here is the processor itself (``set_processor`` /
+  ``set_attn_processor``), which corrlab uses for *permanent* behaviour
+  (:class:`~corrlab.probing.extended_attention.MultiViewAttnProcessor`, row-wise attention). A probe that
+  must see the q / k / v the stock processor builds cannot use it without copying the processor body
+  (whose internals change between diffusers versions, see integration-notes.md), and a wrapping processor
+  never sees q / k / v. So the name ``F`` in that module is swapped for a proxy while a tapped layer runs.
+* **``AttentionModuleMixin`` (Flux, Wan)**: processors call ``dispatch_attention_fn(q, k, v, ...)``
+  (``(B, S, heads, d)``). diffusers 0.42's attention-backend registry is the sanctioned point where the
+  kernel is chosen, but backends are keyed by the closed enum ``AttentionBackendName`` (no custom backend
+  can be registered) and the active backend (``attention_backend(...)``) is one process-wide class
+  attribute, so a backend swap would reach every thread and every model. So ``dispatch_attention_fn`` is
+  swapped in the processor's module instead, with the same routing.
+* **Modules without a kernel call** (ldm-style einsum attention, registered with
+  :func:`register_attention_module`): read through forward hooks on their projections (torch's
+  sanctioned hooks; no patch at all).
 
-While an intercepted layer runs, that name is swapped for a router (``F`` for a proxy of
-``torch.nn.functional`` whose ``scaled_dot_product_attention`` routes). The router hands the call, as
-canonical ``(B, heads, S, d)`` views of the very tensors the processor built, through the layer's
-chain of :class:`Interceptor` s, and the last link calls the original kernel with the original
-arguments, so a chain of observers leaves the output bit-identical. Observers
-(``structural = False``) run outermost, in the order they were attached; structural interceptors
-(which change what the layer computes, e.g. extended attention) run innermost, so observers always
-see the per-image q / k / v the processor built and the output of the (changed) kernel.
+Isolation (thread safety). The swapped globals are shared by every thread, so:
+
+* every swap is reference-counted under one lock (:data:`_patch_lock`): the first active layer call of
+  any thread installs the router, the last one restores the original, also when the call raises;
+* the router delivers a kernel call only to the interceptors of the layer call that is active *in the
+  calling thread* (a thread-local stack of frames); in threads with no active frame it calls the
+  original kernel untouched;
+* :func:`attach` binds an interceptor to one module **and to the thread that attached it**: its hooks do
+  nothing when the module runs in another thread. Two pipelines probed in two threads never see each
+  other's calls, and a model shared with an unprobed thread computes that thread's calls untouched.
+  (Run the denoiser in the thread that entered the ``with``; a call made from a worker thread is not
+  tapped.)
+
+Routing. The router hands the call, as canonical ``(B, heads, S, d)`` views of the very tensors the
+processor built, through the layer's chain of :class:`Interceptor` s, and the last link calls the original
+kernel with the original arguments, so a chain of observers leaves the output bit-identical. Observers
+(``structural = False``) run outermost, in the order they were attached; structural interceptors (which
+change what the layer computes, e.g. extended attention) run innermost, so observers always see the
+per-image q / k / v the processor built and the output of the (changed) kernel. The ``proceed`` handed to
+the innermost interceptor carries ``is_kernel = True`` when it is the original kernel itself (no
+structural interceptor in between): such an interceptor may compute the kernel's output itself (the
+probe's fused mode) and call ``proceed`` on batch slices.
 
 Nothing on the model changes: :func:`attach` registers a forward pre-hook and an ``always_call`` forward
-hook on the attention module (removed by the returned handle), and the swapped global is restored
-when the last active layer call of any thread ends, also when it raises. The router passes calls
-through untouched in threads that have no active layer call. Not supported under ``torch.compile``.
+hook on the attention module (removed by the returned handle). Not supported under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -62,6 +87,8 @@ class KernelCall:
     scale: float | None  # the scale passed to the kernel; None = 1/sqrt(d)
     is_causal: bool
     group_size: int  # images per group set by structural interceptors (1 if none)
+    plain: bool = False  # no mask, not causal, no dropout, no extra kernel options: softmax(scale q k^T) v
+
 
     def softmax_scale(self, head_dim: int) -> float:
         """The softmax scale the kernel applies."""
@@ -106,9 +133,10 @@ _globals_cache: dict[type, list[tuple[dict, str]]] = {}
 
 def kernel_globals(processor: Any) -> list[tuple[dict, str]]:
     """``(globals, name)`` of the kernel references used by ``processor``'s ``__call__`` (and its bases')."""
-    cached = _globals_cache.get(type(processor))
-    if cached is None:
-        cached = _globals_cache[type(processor)] = _find_kernel_globals(processor)
+    with _patch_lock:
+        cached = _globals_cache.get(type(processor))
+        if cached is None:
+            cached = _globals_cache[type(processor)] = _find_kernel_globals(processor)
     return cached
 
 
@@ -134,14 +162,22 @@ def _find_kernel_globals(processor: Any) -> list[tuple[dict, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- routing
-def _kernel_args(args: tuple, kwargs: dict) -> tuple[Any, float | None, bool]:
-    """``attn_mask, scale, is_causal`` of a kernel call ``(q, k, v, attn_mask, dropout_p, is_causal, scale)``."""
+def _kernel_args(args: tuple, kwargs: dict) -> tuple[Any, float | None, bool, bool]:
+    """``attn_mask, scale, is_causal, plain`` of a kernel call ``(q, k, v, attn_mask, dropout_p, is_causal, scale)``."""
     def arg(i: int, name: str, default):
         if len(args) > i:
             return args[i]
         return kwargs.get(name, default)
 
-    return arg(3, "attn_mask", None), arg(6, "scale", None), bool(arg(5, "is_causal", False))
+    attn_mask, dropout_p, is_causal = arg(3, "attn_mask", None), arg(4, "dropout_p", 0.0), bool(arg(5, "is_causal", False))
+    known = {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "backend", "parallel_config",
+             "attention_kwargs"}
+    plain = (
+        attn_mask is None and not is_causal and not dropout_p and len(args) <= 7 and set(kwargs) <= known
+        and not kwargs.get("enable_gqa", False) and not kwargs.get("attention_kwargs")
+        and kwargs.get("parallel_config") is None
+    )
+    return attn_mask, arg(6, "scale", None), is_causal, plain
 
 
 def _route(original: Callable, sequence_first: bool, q, k, v, *args, **kwargs):
@@ -150,18 +186,20 @@ def _route(original: Callable, sequence_first: bool, q, k, v, *args, **kwargs):
     if frame is None or frame.routing or not frame.interceptors:
         return original(q, k, v, *args, **kwargs)
     frame.kernel_calls += 1
-    attn_mask, scale, is_causal = _kernel_args((q, k, v) + args, kwargs)
+    attn_mask, scale, is_causal, plain = _kernel_args((q, k, v) + args, kwargs)
     observers = [i for i in frame.interceptors if not i.structural]
     structural = [i for i in frame.interceptors if i.structural]
     group = 1
     for s in structural:
         group *= int(getattr(s, "num_images", 1))
-    call = KernelCall(frame.module, attn_mask, scale, is_causal, group)
+    call = KernelCall(frame.module, attn_mask, scale, is_causal, group, plain)
 
     def terminal(qc, kc, vc):
         if sequence_first:
             return original(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), *args, **kwargs).transpose(1, 2)
         return original(qc, kc, vc, *args, **kwargs)
+
+    terminal.is_kernel = True  # type: ignore[attr-defined]  # see the module docstring (fused probes)
 
     def link(chain: list) -> Proceed:
         if not chain:
@@ -380,13 +418,14 @@ def _submodule(module: nn.Module, name: str) -> nn.Module:
 class _ProjectionHooks:
     """Hooks reading q, k, v from a module's projections and replacing the input of its output projection."""
 
-    def __init__(self, module: nn.Module, spec: ProjectionSpec, interceptor: Interceptor, after_call):
+    def __init__(self, module: nn.Module, spec: ProjectionSpec, interceptor: Interceptor, after_call, owner: int):
         if getattr(interceptor, "structural", False):
             raise CorrlabError(
                 f"interceptor: {type(module).__name__} is read through its projections; structural interceptors "
                 f"(which change q, k, v) need a kernel call and are not supported on it"
             )
         self.module, self.spec, self.interceptor, self.after_call = module, spec, interceptor, after_call
+        self.owner = owner  # the thread whose calls are intercepted (see the module docstring)
         self.active = False
         self.captured: dict[str, torch.Tensor] = {}
         self.calls = 0
@@ -400,17 +439,19 @@ class _ProjectionHooks:
         self.handles.append(module.register_forward_hook(self._end, always_call=True))
 
     def _begin(self, mod, args):
+        if threading.get_ident() != self.owner:
+            return
         self.active, self.calls = True, 0
         self.captured.clear()
 
     def _capture(self, name: str):
         def hook(mod, args, output):
-            if self.active:
+            if self.active and threading.get_ident() == self.owner:
                 self.captured[name] = output
         return hook
 
     def _replace(self, mod, args):
-        if not self.active or len(self.captured) < 3 or not args:
+        if not self.active or threading.get_ident() != self.owner or len(self.captured) < 3 or not args:
             return None
         x = args[0]
         heads = self.spec.num_heads(self.module)
@@ -441,6 +482,8 @@ class _ProjectionHooks:
         return (result.transpose(1, 2).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
 
     def _end(self, mod, args, output):
+        if threading.get_ident() != self.owner:
+            return
         self.active = False
         self.captured.clear()
         if output is not None and self.after_call is not None:
@@ -456,19 +499,26 @@ def attach(
     interceptor: Interceptor,
     after_call: Callable[[int], None] | None = None,
 ) -> AttachHandle:
-    """Intercept every call of ``module`` (forward hooks; the processor is untouched).
+    """Intercept every call of ``module`` made in the calling thread (forward hooks; the processor is untouched).
 
     ``after_call(kernel_calls)`` runs after each successful call of the module with the number of
     kernel calls the interceptors saw (e.g. to raise when a processor bypassed the kernel). Modules of a
     type registered with :func:`register_attention_module` are read through their projections instead.
+    Calls of ``module`` in other threads are not intercepted (see the module docstring). The returned
+    handle's ``remove()`` detaches (idempotent; from any thread).
     """
+    owner = threading.get_ident()
     spec = projection_spec(module)
     if spec is not None:
-        return AttachHandle([_ProjectionHooks(module, spec, interceptor, after_call)])
+        return AttachHandle([_ProjectionHooks(module, spec, interceptor, after_call, owner)])
+
     def pre_hook(mod, args):
-        enter(mod, interceptor)
+        if threading.get_ident() == owner:
+            enter(mod, interceptor)
 
     def post_hook(mod, args, output):
+        if threading.get_ident() != owner:
+            return
         calls = leave(mod, interceptor)
         if output is not None and after_call is not None:
             after_call(calls)

@@ -5,8 +5,9 @@
 >>> rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)          # doctest: +SKIP
 >>> rec.ds          # xarray Dataset (layer, step, src, tgt, head, row, col)     # doctest: +SKIP
 
-The probe taps the layers through :class:`corrlab.probing.taps.AttentionTaps` (observe only: the model's
-outputs stay bit-identical, and everything is detached on exit, also on exceptions). On each call of a
+The probe taps the layers through :class:`corrlab.probing.taps.AttentionTaps` (in the default exact mode
+it observes only: the model's outputs stay bit-identical; see "Kernel modes" below), and everything is
+detached on exit, also on exceptions. Calls in the thread that entered the ``with`` are recorded. On each call of a
 selected layer at a selected step it matches, for every ordered image pair (i != j), the queries of
 image i against the keys of image j with :func:`corrlab.probing.matcher.match_views` (chunked, so the
 extra memory per call is ``O(chunk_size x h*w)``; no second forward pass) and stores, per source token,
@@ -22,6 +23,20 @@ candidates are the tokens of the same row of each other image, so matching runs 
 (:func:`corrlab.probing.matcher.match_layout`) and the record lists the layer in its ``row_wise_layers``
 attribute (the row constraint is exact epipolar geometry only for orthographic views at elevation 0).
 
+Kernel modes: ``kernel="exact"`` (the default) lets the model's own kernel (SDPA) compute every output
+and computes the cross-image logits a second time for matching: the generation is bit-identical to an
+unprobed one. ``kernel="fused"`` computes the recorded batch entry's attention output of a recorded call
+from the same logits the matching reads (:mod:`corrlab.probing.fused_attention`; the other batch entries
+and unrecorded calls still run the model's kernel), which removes the second q.k^T: outputs then equal
+SDPA's up to float32 rounding (a different summation order), so a probed generation is no longer
+bit-identical to an unprobed one, and over many steps such differences can grow. Exact stays the
+default because corrlab's contract is that a probe observes: the record describes the very images the
+same seed gives without a probe, and sweeps, CorrAdapter comparisons and tests rely on that. Use fused
+where the probe's cost matters more (long sweeps); it supports ``similarity="softmax"`` without
+``mutual`` or ``history`` (one pass over the logits), and falls back to the exact path on calls it cannot
+fuse (row-wise layouts, layers with text tokens, extended attention, masked kernels). The record
+states the mode in its ``kernel`` attribute (see ``matching``).
+
 Batch: with classifier-free guidance a pipeline batches the conditional and unconditional branches.
 ``batch_index=None`` picks the conditional one: index 0 for corrlab's pipeline (``[cond, uncond]``), and
 for a diffusers pipeline whose ``do_classifier_free_guidance`` is true the first element of the second
@@ -33,8 +48,11 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 
-from ..errors import CorrlabError, ValueRangeError, describe
+import torch
+
+from ..errors import CorrlabError, ValueRangeError, check_choice, describe
 from .attention_cache import is_corrlab_model, check_steps, conditional_batch_entry
+from .fused_attention import check_fused_options, fused_attention_matches
 from .matcher import MATCHING_DEFAULTS, HistoryMax, Workspace, check_matching_options, match_layout
 from .record import ProbeRecord, RecordBuilder
 from .taps import AttentionCall, AttentionTaps, list_layers
@@ -46,7 +64,7 @@ class ProbeRecorder:
     """The ``on_call`` of the taps: derives steps, selects the batch entry, matches, stores."""
 
     def __init__(self, model_or_pipeline: Any, builder: RecordBuilder, steps: Sequence[int] | None,
-                 batch_index: int | None, matching: dict, history: int | None):
+                 batch_index: int | None, matching: dict, history: int | None, kernel: str = "exact"):
         self.target = model_or_pipeline
         self.builder = builder
         self.steps = None if steps is None else set(steps)
@@ -56,6 +74,9 @@ class ProbeRecorder:
         self.workspace = Workspace()  # block buffers reused across calls: O(chunk_size x h*w) memory
         self.corrlab_model = is_corrlab_model(model_or_pipeline)
         self._done: set[tuple[str, int]] = set()
+        # the taps call fused_kernel (when not None) instead of the model's kernel on eligible calls
+        self.fused_kernel = self._fused_kernel if kernel == "fused" else None
+        self.kernel_calls = {"fused": 0, "exact": 0}  # recorded layer calls per path
 
     def _batch_entry(self, batch: int) -> int:
         return conditional_batch_entry(self.target, batch, self.batch_index, self.corrlab_model)
@@ -73,6 +94,7 @@ class ProbeRecorder:
         if not wanted:
             return None
         self._done.add(key)
+        self.kernel_calls["exact"] += 1
         layout = call.layout
         num_images, num_heads = q.shape[0], q.shape[1]
         hp = num_heads if self.matching["heads"] == "per_head" else 1
@@ -87,6 +109,42 @@ class ProbeRecorder:
         return None
 
 
+    def _fused_kernel(self, call: AttentionCall, q, k, v, kernel) -> torch.Tensor | None:
+        """Fused mode: the kernel output of a recorded call, computed from the logits the matching reads.
+
+        ``q, k, v``: the kernel's ``(B, heads, V*N, d)``; ``kernel(q', k', v')`` runs the model's kernel
+        (used for the other batch entries). Returns None (the taps then run the kernel and ``__call__``)
+        for calls that are not recorded.
+        """
+        step = call.step  # the taps' step clock
+        key = (call.layer, step)
+        if (self.steps is not None and step not in self.steps) or key in self._done or call.layout.row_wise:
+            return None
+        self._done.add(key)
+        self.kernel_calls["fused"] += 1
+        B = q.shape[0]
+        b = self._batch_entry(B)
+        layout = call.layout
+        opts = {name: self.matching[name] for name in ("heads", "confidence", "threshold", "window_radius",
+                                                        "chunk_size", "strict", "similarity", "mutual")}
+        out_b, index, conf, kept = fused_attention_matches(q[b], k[b], v[b], layout.grid, scale=call.scale, **opts)
+        num_images = layout.num_images
+        hp = index.shape[0]
+        self.builder.add_layer(call.layer, layout.grid, hp, layout.token_centres(), layout.image_size,
+                               row_wise=layout.row_wise)
+        for i in range(num_images):
+            tgts = [j for j in range(num_images) if j != i]
+            self.builder.add(call.layer, step, call.timestep, i, tgts, index[:, i, tgts], conf[:, i, tgts],
+                             kept[:, i, tgts], num_images)
+        parts = []
+        if b > 0:
+            parts.append(kernel(q[:b], k[:b], v[:b]))
+        parts.append(out_b.unsqueeze(0))
+        if b < B - 1:
+            parts.append(kernel(q[b + 1:], k[b + 1:], v[b + 1:]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
 @contextmanager
 def probe(
     model_or_pipeline: Any,
@@ -96,6 +154,7 @@ def probe(
     batch_index: int | None = None,
     history: int | None = None,
     image_scale: float | None = None,
+    kernel: str = "exact",
     **matching,
 ) -> Iterator[ProbeRecord]:
     """Record native correspondences of ``model_or_pipeline`` during the calls inside the ``with``.
@@ -109,6 +168,7 @@ def probe(
         history: if set, match with the element-wise max of q and k over the last ``history`` calls of
             each layer (SyncDreamer release: 11); stores that many copies of q and k per layer.
         image_scale: pixels of the generated images per latent pixel (default: from the pipeline).
+        kernel: ``"exact"`` (default) or ``"fused"``; see "Kernel modes" in the module docstring.
         **matching: options of :func:`corrlab.probing.matcher.match_tokens` (``similarity``, ``heads``,
             ``confidence``, ``threshold``, ``window_radius``, ``mutual``, ``chunk_size``); defaults in
             :data:`corrlab.probing.matcher.MATCHING_DEFAULTS`.
@@ -126,10 +186,18 @@ def probe(
         raise ValueRangeError(f"batch_index: expected None or an int, got {batch_index!r}")
     if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
         raise ValueRangeError(f"history: expected None or a positive int (calls kept per layer), got {history!r}")
-    recorded = {**options, "history": history, "steps": step_list}
+    check_choice("kernel", kernel, ("exact", "fused"))
+    if kernel == "fused":
+        check_fused_options(options)
+        if history is not None:
+            raise CorrlabError(
+                f"kernel: 'fused' matches the logits the layer computes now; history={history} matches the max of "
+                f"q and k over earlier calls, use kernel='exact'"
+            )
+    recorded = {**options, "history": history, "steps": step_list, "kernel": kernel}
     builder = RecordBuilder(recorded, batch_index="auto" if batch_index is None else batch_index)
     rec = ProbeRecord(builder=builder)
-    recorder = ProbeRecorder(model_or_pipeline, builder, step_list, batch_index, options, history)
+    recorder = ProbeRecorder(model_or_pipeline, builder, step_list, batch_index, options, history, kernel)
     with AttentionTaps(model_or_pipeline, layers, recorder, image_scale=image_scale):
         yield rec
 

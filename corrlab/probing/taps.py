@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -65,7 +66,7 @@ class AttentionCall:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    out: torch.Tensor
+    out: torch.Tensor | None  # None only for a fused kernel's on_call (see _Tap._fused)
     scale: float
     layout: TokenLayout
     call_index: int
@@ -157,10 +158,15 @@ class StepClock:
 
 
 class _DenoiserWatch:
-    """Forward pre-hook (with kwargs) on a denoiser: the layout arguments and timestep of the current call."""
+    """Forward pre-hook (with kwargs) on a denoiser: the layout arguments and timestep of the current call.
+
+    Only calls in the thread that created the watch count (the thread that entered the taps): a model
+    shared with another thread keeps that thread's calls out of this step clock.
+    """
 
     def __init__(self, denoiser: Denoiser, counter: StepClock):
         self.denoiser, self.counter = denoiser, counter
+        self.owner = threading.get_ident()
         self.current: _ForwardState | None = None
         self._signature = inspect.signature(denoiser.module.forward)
         self._handles = [
@@ -169,6 +175,8 @@ class _DenoiserWatch:
         ]
 
     def _before(self, module, args, kwargs):
+        if threading.get_ident() != self.owner:
+            return
         try:
             arguments = self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError as e:
@@ -180,7 +188,8 @@ class _DenoiserWatch:
         self.current = _ForwardState(layout, clock.calls - 1, timestep, clock.step, clock.slot, clock.generation)
 
     def _after(self, module, args, output):
-        self.current = None
+        if threading.get_ident() == self.owner:
+            self.current = None
 
     def remove(self) -> None:
         while self._handles:
@@ -197,7 +206,28 @@ class _Tap:
         self.entry, self.watch, self.on_call, self.image_scale = entry, watch, on_call, image_scale
 
     def __call__(self, call, q, k, v, proceed):
+        fused = getattr(self.on_call, "fused_kernel", None)
+        if fused is not None and getattr(proceed, "is_kernel", False) and call.plain and call.group_size == 1:
+            out = self._fused(fused, call, q, k, v, proceed)
+            if out is not None:
+                return out
         out = proceed(q, k, v)
+        tokens, record = self._record(call, q, k, v, out)
+        replacement = self.on_call(record)
+        del record
+        if replacement is None:
+            return out
+        expected = tokens.select(out).shape
+        if not isinstance(replacement, torch.Tensor) or replacement.shape != expected:
+            raise ShapeError(
+                f"on_call: expected None or a replacement for call.out of shape {tuple(expected)} for layer "
+                f"{self.entry.name!r}, got {describe(replacement)}"
+            )
+        new_out = out.clone()
+        tokens.scatter(new_out, replacement)
+        return new_out
+
+    def _record(self, call, q, k, v, out) -> tuple[ImageTokens, AttentionCall]:
         state = self.watch.current
         if state is None:
             raise CorrlabError(
@@ -222,7 +252,7 @@ class _Tap:
             q=tokens.select(q),
             k=tokens.select_keys(k),
             v=tokens.select_keys(v),
-            out=tokens.select(out),
+            out=None if out is None else tokens.select(out),
             scale=call.softmax_scale(q.shape[-1]),
             layout=tokens.layout,
             call_index=state.call_index,
@@ -231,19 +261,21 @@ class _Tap:
             slot=state.slot,
             generation=state.generation,
         )
-        replacement = self.on_call(record)
-        del record
-        if replacement is None:
-            return out
-        expected = tokens.select(out).shape
-        if not isinstance(replacement, torch.Tensor) or replacement.shape != expected:
-            raise ShapeError(
-                f"on_call: expected None or a replacement for call.out of shape {tuple(expected)} for layer "
-                f"{self.entry.name!r}, got {describe(replacement)}"
-            )
-        new_out = out.clone()
-        tokens.scatter(new_out, replacement)
-        return new_out
+        return tokens, record
+
+    def _fused(self, fused, call, q, k, v, proceed):
+        """The on_call's ``fused_kernel(record, q, k, v, kernel)``: it computes the kernel output itself.
+
+        Only for a plain kernel call (see :class:`interception.KernelCall`) whose whole sequence is the
+        images' tokens (no text tokens, not row-wise) and when ``proceed`` is the kernel itself. The record
+        has ``out=None``; ``kernel(q', k', v')`` runs the original kernel on batch slices.
+        """
+        if q.shape != k.shape or v.shape[:3] != k.shape[:3]:
+            return None
+        tokens, record = self._record(call, q, k, v, None)
+        if tokens.images_in != "sequence" or tokens.text_tokens:
+            return None
+        return fused(record, q, k, v, proceed)
 
     def check_kernel_called(self, calls: int) -> None:
         if calls == 0:
@@ -276,7 +308,8 @@ class AttentionTaps:
     ``on_call(call: AttentionCall) -> None | Tensor`` runs on every call of a tapped layer; see the module
     docstring. ``image_scale`` (optional) sets decoded pixels per latent pixel for the layouts' image
     sizes (default: the pipeline's VAE scale factor, 1 for a bare model). Everything attached is removed
-    on exit, also when the block raises. Not re-entrant: one ``with`` at a time per instance.
+    on exit, also when the block raises. Constructing it attaches nothing: ``with taps:``, or
+    ``taps.attach()`` ... ``taps.remove()``. Not re-entrant: one attachment at a time per instance.
     """
 
     def __init__(
@@ -303,7 +336,9 @@ class AttentionTaps:
         """Names of the tapped layers, in forward order."""
         return [e.name for e in self.entries]
 
-    def __enter__(self) -> "AttentionTaps":
+    def attach(self) -> "AttentionTaps":
+        """Attach the taps (hooks on the tapped layers and their denoisers) and return this object as the
+        handle; :meth:`remove` detaches. ``with taps:`` does both. Calls in the attaching thread are tapped."""
         if self._active:
             raise CorrlabError("AttentionTaps: this instance is already active; use a new one for nested taps")
         self._active = True
@@ -319,17 +354,25 @@ class AttentionTaps:
                 tap = _Tap(entry, watches[id(d.module)], self.on_call, scale)
                 self._handles.append(interception.attach(entry.module, tap, tap.check_kernel_called))
         except BaseException:
-            self._detach()
+            self.remove()
             raise
         return self
 
-    def _detach(self) -> None:
+    def remove(self) -> None:
+        """Detach everything :meth:`attach` attached (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
         self._active = False
 
+    @property
+    def attached(self) -> bool:
+        return self._active
+
+    def __enter__(self) -> "AttentionTaps":
+        return self.attach()
+
     def __exit__(self, *exc) -> bool:
-        self._detach()
+        self.remove()
         return False
 
 
