@@ -24,7 +24,8 @@ import time
 import torch
 
 from corrlab.interventions import SegmentTransportConfig, segment_transport
-from corrlab.interventions.velocity_adapters import embedded_velocity_fn, generate_pair
+from corrlab.interventions.pair_generation import generate_pair
+from corrlab.interventions.velocity_adapters import embedded_velocity_fn
 from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, CorrlabPipeline, MultiViewDiT, load_default
 from corrlab.scenes import sample_cameras
 

@@ -36,7 +36,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
 from corrlab.interventions import MODES
-from corrlab.interventions.velocity_adapters import generate_pairs
+from corrlab.interventions.pair_generation import generate_pairs
 from corrlab.model import DEFAULT_GUIDANCE, CorrlabPipeline, load_default
 from corrlab.model.adherence import dominant_colour_word
 from corrlab.model.train import HELD_OUT_SEED_START

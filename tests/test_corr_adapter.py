@@ -24,7 +24,7 @@ from corrlab.model import CorrlabPipeline, MultiViewDiT
 from corrlab.probing import AttentionCall, TokenLayout
 
 # the package attribute corr_adapter is the context manager; the module is reached through importlib
-ca = importlib.import_module("corrlab.interventions.corr_adapter")
+ca = importlib.import_module("corrlab.interventions.aggregation")
 
 
 @pytest.fixture(scope="module")

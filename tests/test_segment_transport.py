@@ -23,7 +23,7 @@ from corrlab.interventions import (
     segment_transport,
     shifted_timesteps,
 )
-from corrlab.interventions.segment_transport import StepPlan, plan_step, segment_alphas, segment_step
+from corrlab.interventions.transport import StepPlan, plan_step, segment_alphas, segment_step
 
 
 # --------------------------------------------------------------------------- a toy analytic field
@@ -266,7 +266,7 @@ def _tiny_pipe():
 
 
 def test_embedded_independent_pair_reproduces_the_pipeline_and_modes_run():
-    from corrlab.interventions.velocity_adapters import generate_pair
+    from corrlab.interventions.pair_generation import generate_pair
 
     pipe = _tiny_pipe()
     kw = dict(num_views=2, num_inference_steps=4, progress=False)
@@ -294,7 +294,7 @@ def test_embedded_independent_pair_reproduces_the_pipeline_and_modes_run():
 
 
 def test_embedded_pair_batching_equals_separate_pairs():
-    from corrlab.interventions.velocity_adapters import generate_pair, generate_pairs
+    from corrlab.interventions.pair_generation import generate_pair, generate_pairs
 
     pipe = _tiny_pipe()
     kw = dict(mode="full", num_views=2, num_inference_steps=3, progress=False)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import CorrlabError
     from ..interventions import LinearDecaySmoothing, MidpointToUniformWeights, SegmentTransportConfig
-    from ..interventions.velocity_adapters import generate_pair
+    from ..interventions.pair_generation import generate_pair
     from ..io_utils import atomic_write_text
     from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_default
     from ..sets import save_set

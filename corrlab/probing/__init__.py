@@ -11,7 +11,7 @@ from .custom import ProjectionSpec, register_attention_module, register_family, 
 from .controls import CONTROLS, appearance_matches, chance_matches, control_matches, identity_matches
 from .matcher import MATCHING_DEFAULTS, HistoryMax, TokenMatches, match_layout, match_tokens, match_views
 from .row_attention import RowWiseMultiViewAttnProcessor, row_wise_attention_processors
-from .probe import ProbeRecorder, probe
+from .recording import ProbeRecorder, probe
 from .record import ProbeRecord, RecordBuilder
 from .scoring import (
     DEFAULT_THRESHOLDS,

@@ -343,7 +343,7 @@ def _score(t: dict) -> dict:
 
 
 def _interventions(v: Any) -> list[dict]:
-    from ..interventions.corr_adapter import CorrAdapterConfig
+    from ..interventions.aggregation import CorrAdapterConfig
 
     if isinstance(v, dict):
         v = [v]

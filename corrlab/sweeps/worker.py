@@ -108,7 +108,7 @@ class ItemRunner:
         try:
             with contextlib.ExitStack() as stack:
                 if iv["name"] == "corr_adapter":
-                    from ..interventions.corr_adapter import corr_adapter
+                    from ..interventions.aggregation import corr_adapter
 
                     stack.enter_context(corr_adapter(pipe, **{k: v for k, v in iv.items() if k != "name"}))
                 elif iv["name"] != "none":

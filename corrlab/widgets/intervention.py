@@ -121,10 +121,10 @@ class InterventionPanel:
         seed, num_views, num_inference_steps, size, guidance_scale: generation settings (guidance None: the
             pipeline's default ``corrlab.model.DEFAULT_GUIDANCE``).
         corr_adapter: ``(model, **params) -> context manager`` enabling CorrAdapter
-            (default :func:`corrlab.interventions.corr_adapter.corr_adapter`).
+            (default :func:`corrlab.interventions.aggregation.corr_adapter`).
         generate_pair: ``(pipeline, prompt_a, prompt_b, *, mode, k, smoothing, seed, num_views,
             num_inference_steps, size, guidance_scale) -> (images_a, images_b)`` (default:
-            :func:`corrlab.interventions.velocity_adapters.generate_pair` with a
+            :func:`corrlab.interventions.pair_generation.generate_pair` with a
             ``LinearDecaySmoothing(w_start=smoothing)`` schedule).
         measure: ``(images, cameras) -> tidy DataFrame(metric, value, ...)`` consistency measure
             (default :func:`epipolar_consistency`).
@@ -217,7 +217,7 @@ class InterventionPanel:
         factory = self._corr_adapter
         if factory is None:
             try:
-                from ..interventions.corr_adapter import corr_adapter as factory
+                from ..interventions.aggregation import corr_adapter as factory
             except ImportError as e:
                 raise CorrlabError(f"corr_adapter: CorrAdapter is not available in this corrlab ({e})") from None
         return factory(self.pipeline.model, **self.adapter_params())
@@ -233,7 +233,7 @@ class InterventionPanel:
         try:
             from ..interventions import SegmentTransportConfig
             from ..interventions.schedules import LinearDecaySmoothing
-            from ..interventions.velocity_adapters import generate_pair
+            from ..interventions.pair_generation import generate_pair
         except ImportError as e:
             raise CorrlabError(f"segment transport for the embedded model is not available ({e})") from None
         config = SegmentTransportConfig(mode=mode, k=int(self.k.value),
