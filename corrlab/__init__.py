@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "probe": ("corrlab.probing", "probe"),
     "ProbeRecord": ("corrlab.probing", "ProbeRecord"),
+    "MatchingOptions": ("corrlab.probing", "MatchingOptions"),
     "score_record": ("corrlab.probing", "score_record"),
     "corr_adapter": ("corrlab.interventions", "corr_adapter"),
     "segment_transport": ("corrlab.interventions", "segment_transport"),

@@ -65,7 +65,6 @@ def test_record_equals_matching_the_captured_q_k(pipe):
     opts = dict(similarity="dual_softmax", confidence="window", window_radius=1, threshold=0.2)
     with probe(pipe, layers=["blocks.1.attn"], steps=[0, 2], chunk_size=5, **opts) as rec:
         mvs = generate(pipe)
-    rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)
     assert rec.steps == [0, 2]
     ts = pipe.timesteps(STEPS)
     torch.testing.assert_close(torch.tensor(rec.ds["timestep"].values, dtype=torch.float32), ts[[0, 2]])

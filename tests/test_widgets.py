@@ -55,7 +55,6 @@ def generate(pipe, prompt="red box", **kw):
 def probed(pipe):
     with probe(pipe, layers=LAYERS, steps=[0, 2]) as rec, capture_queries_keys(pipe, LAYERS, steps=[0, 2]) as cap:
         mvs = generate(pipe)
-    rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)
     return rec, cap, mvs
 
 
