@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     ca = p.add_argument_group("CorrAdapter", "training-free native-correspondence aggregation (methods.md section 2)")
     ca.add_argument("--corr-adapter", action="store_true", help="generate with CorrAdapter enabled")
     ca.add_argument("--eta", type=float, help="weight of the original attention output (default 0.1; 1 = off)")
-    ca.add_argument("--radius", type=int, help="aggregation window radius r (default 3)")
+    ca.add_argument("--radius", type=int, help="window radius r of the aggregation (matching.window_radius, default 3)")
     ca.add_argument("--active-steps", type=int, help="adapt only the first K steps (default 10; 0 = every step)")
     ca.add_argument("--refresh", type=int, help="recompute correspondences every N steps (default 5)")
     ca.add_argument("--preset", choices=("syncdreamer", "mvadapter"),
@@ -160,7 +160,8 @@ def _corr_adapter(args: argparse.Namespace, pipe):
         return None
     from ..interventions import CorrAdapterConfig, CorrAdapterHandle
 
-    params = {k: v for k, v in (("eta", args.eta), ("radius", args.radius), ("refresh_every", args.refresh)) if v is not None}
+    params = {k: v for k, v in (("eta", args.eta), ("window_radius", args.radius), ("refresh_every", args.refresh))
+              if v is not None}
     if args.active_steps is not None:
         params["active_steps"] = None if args.active_steps == 0 else args.active_steps
     if getattr(args, "reference", None):

@@ -56,6 +56,7 @@ __all__ = [
 
 # CorrAdapter (training-free native-correspondence aggregation, methods.md section 2)
 from .aggregation import (  # noqa: E402
+    AggregationOptions,
     CorrAdapter,
     CorrAdapterConfig,
     CorrAdapterHandle,
@@ -71,6 +72,7 @@ from .aggregation import (  # noqa: E402
 )
 
 __all__ += [
+    "AggregationOptions",
     "CorrAdapter",
     "CorrAdapterConfig",
     "CorrAdapterHandle",

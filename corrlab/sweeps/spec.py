@@ -29,7 +29,8 @@ Why TOML: ``tomllib`` is in the standard library (3.11; ``tomli`` on 3.10), its 
     [[interventions]]             # optional; default one entry name = "none"
     name = "none"
     [[interventions]]
-    name = "corr_adapter"         # CorrAdapterConfig fields; lists are grids
+    name = "corr_adapter"         # CorrAdapterConfig.build keywords (its fields and the MatchingOptions
+                                  #   fields); lists are grids
     eta = [0.1, 0.5]
 
 Items = (product of the generation axes) x (sum over interventions of the product of their lists).
@@ -348,7 +349,11 @@ def _interventions(v: Any) -> list[dict]:
         v = [v]
     if not isinstance(v, list) or not v:
         raise _err("interventions", "a non-empty list of tables with a 'name'", v)
-    fields = [f for f in CorrAdapterConfig.__dataclass_fields__ if f not in ("layers",)] + ["layers"]
+    from ..probing.matcher import MatchingOptions
+
+    # keyword form of CorrAdapterConfig.build: its fields (matching as the MatchingOptions fields)
+    fields = ([f for f in CorrAdapterConfig.__dataclass_fields__ if f not in ("layers", "matching")]
+              + list(MatchingOptions.fields()) + ["layers"])
     out = []
     for i, iv in enumerate(v):
         key = f"interventions[{i}]"
@@ -375,7 +380,7 @@ def _interventions(v: Any) -> list[dict]:
             grid[k] = list(dict.fromkeys(values))
         for combo in itertools.product(*grid.values()):  # validate every grid point now
             try:
-                CorrAdapterConfig(**dict(zip(grid, combo)))
+                CorrAdapterConfig.build(**dict(zip(grid, combo)))
             except CorrlabError as e:
                 raise SpecError(f"sweep spec: {key}.{e}") from None
         out.append({"name": iv["name"], **grid})

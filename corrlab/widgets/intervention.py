@@ -153,13 +153,16 @@ class InterventionPanel:
         self.last_result: dict | None = None
         self._before_cache: dict = {}
 
+        from ..interventions.aggregation import CorrAdapterConfig
+
+        defaults = CorrAdapterConfig()
         style = {"description_width": "150px"}
         n = int(num_inference_steps)
         self.prompt = widgets.Text(value=prompt, description="prompt", style=style)
         self.corr_adapter_on = widgets.Checkbox(value=False, description="CorrAdapter", indent=False)
-        self.eta = widgets.FloatSlider(value=0.1, min=0.0, max=1.0, step=0.05, description="eta (1 = adapter off)",
+        self.eta = widgets.FloatSlider(value=defaults.eta, min=0.0, max=1.0, step=0.05, description="eta (1 = adapter off)",
                                        style=style, continuous_update=False)
-        self.radius = widgets.IntSlider(value=3, min=0, max=7, description="window radius r", style=style,
+        self.radius = widgets.IntSlider(value=defaults.radius, min=0, max=7, description="window radius r", style=style,
                                         continuous_update=False)
         self.active_steps = widgets.IntSlider(value=0, min=0, max=n, description="active steps (0: all)",
                                               style=style, continuous_update=False)
@@ -208,7 +211,7 @@ class InterventionPanel:
     # ------------------------------------------------------------------ settings
     def adapter_params(self) -> dict:
         """CorrAdapter keyword arguments from the controls (``active_steps`` None = all steps)."""
-        return dict(eta=float(self.eta.value), radius=int(self.radius.value),
+        return dict(eta=float(self.eta.value), window_radius=int(self.radius.value),
                     active_steps=int(self.active_steps.value) or None, refresh_every=int(self.refresh_every.value))
 
     def _adapter_context(self):
@@ -289,7 +292,7 @@ class InterventionPanel:
         if not self.corr_adapter_on.value:
             return "after (no intervention)"
         p = self.adapter_params()
-        return f"CorrAdapter eta={p['eta']:g} r={p['radius']}"
+        return f"CorrAdapter eta={p['eta']:g} r={p['window_radius']}"
 
     def _run_plain(self, key, prompt: str) -> dict:
         if key not in self._before_cache:
