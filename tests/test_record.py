@@ -165,7 +165,7 @@ def test_a_record_without_cameras_says_what_scoring_needs(tmp_path):
 
 def version1_file(rec, path):
     """What version 1 wrote: no camera variables, the cameras as a JSON attribute."""
-    ds = rec.ds.drop_vars(["camera_K", "camera_R", "camera_t", "camera_model"])
+    ds = rec.ds.drop_vars(["camera_K", "camera_R", "camera_t", "camera_model", "view"])
     ds.attrs = {**ds.attrs, "version": 1, "cameras": json.dumps([c.to_dict() for c in rec.cameras])}
     ds.to_netcdf(path, engine="h5netcdf")
     return path

@@ -28,7 +28,7 @@ from .transport import (
     segment_transport,
 )
 from .velocity_adapters import FluxVelocity, WanVelocity, embedded_velocity_fn
-from .pair_generation import PairResult, generate_pair, generate_pairs
+from .pair_generation import PairResult, SamplingOptions, generate_pair, generate_pairs
 
 __all__ = [
     "MODES",
@@ -41,6 +41,7 @@ __all__ = [
     "segment_transport",
     "FluxVelocity",
     "PairResult",
+    "SamplingOptions",
     "WanVelocity",
     "embedded_velocity_fn",
     "generate_pair",

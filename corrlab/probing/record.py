@@ -16,7 +16,7 @@ Layout of ``ProbeRecord.ds`` (format ``corrlab.probe_record``, version 2):
 * when known, the generation's cameras, one per image (the set's cameras, stored once, as data):
   ``camera_K``, ``camera_R`` (float64 on ``(view, mat_row, mat_col)``, 3 x 3), ``camera_t`` (float64 on
   ``(view, mat_row)``), ``camera_model`` (str on ``(view,)``: ``perspective`` / ``orthographic``), the
-  fields of :class:`corrlab.geometry.Camera` (``x_cam = R x_world + t``) exactly.
+  fields of :class:`corrlab.geometry.Camera` (``x_cam = R x_world + t``) exactly; coord ``view`` (0..V-1).
 * attrs: ``format``, ``version``, ``matching`` (JSON of the matching options), ``image_height``,
   ``image_width``, ``batch_index`` (the int asked for, or ``"auto"``), and when known ``prompt``, ``seed``,
   ``model``.
@@ -245,7 +245,7 @@ class ProbeRecord:
         else:
             ds = self._ds.assign_attrs(new)
             if cams is not None:
-                ds = ds.drop_vars([v for v in CAMERA_VARIABLES if v in ds.variables]).assign(cams)
+                ds = ds.drop_vars([v for v in (*CAMERA_VARIABLES, "view") if v in ds.variables]).assign(cams)
             self._ds = ds
 
     @property
@@ -401,8 +401,9 @@ def _validate(ds: Any, what: str) -> None:
             raise FormatError(f"{what}: expected {v} on dims {DIMS}, got {tuple(ds[v].dims)}")
 
 
-def camera_variables(cameras) -> dict[str, tuple]:
-    """The record's camera variables (see the module docstring) of a list of :class:`~corrlab.geometry.Camera`."""
+def camera_variables(cameras) -> dict[str, Any]:
+    """The record's camera variables (see the module docstring) of a list of :class:`~corrlab.geometry.Camera`,
+    with the ``view`` coordinate (0..V-1, so records with different view counts align)."""
     from ..geometry import Camera
 
     cams = list(cameras) if isinstance(cameras, (list, tuple)) else None
@@ -413,6 +414,7 @@ def camera_variables(cameras) -> dict[str, tuple]:
         "camera_R": (("view", "mat_row", "mat_col"), np.stack([c.R.numpy() for c in cams]).astype(np.float64)),
         "camera_t": (("view", "mat_row"), np.stack([c.t.numpy() for c in cams]).astype(np.float64)),
         "camera_model": (("view",), np.array([c.model for c in cams], dtype=str)),
+        "view": np.arange(len(cams), dtype=np.int64),
     }
 
 

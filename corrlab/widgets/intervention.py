@@ -236,15 +236,15 @@ class InterventionPanel:
         try:
             from ..interventions import SegmentTransportConfig
             from ..interventions.schedules import LinearDecaySmoothing
-            from ..interventions.pair_generation import generate_pair
+            from ..interventions.pair_generation import SamplingOptions, generate_pair
         except ImportError as e:
             raise CorrlabError(f"segment transport for the embedded model is not available ({e})") from None
         config = SegmentTransportConfig(mode=mode, k=int(self.k.value),
                                         smoothing_schedule=LinearDecaySmoothing(w_start=float(self.strength.value)))
-        pair = generate_pair(self.pipeline, self.prompt.value, self.prompt_b.value, s["seed"], mode=mode,
-                             k=int(self.k.value), num_views=s["num_views"],
-                             num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
-                             size=s["size"], config=config, progress=False)
+        sampling = SamplingOptions(num_views=s["num_views"], num_inference_steps=s["num_inference_steps"],
+                                   guidance_scale=s["guidance_scale"], size=s["size"])
+        pair = generate_pair(self.pipeline, self.prompt.value, self.prompt_b.value, s["seed"], sampling=sampling,
+                             transport=config, progress=False)
         return pair.set_a.images, pair.set_b.images
 
     def _generate(self, prompt: str):
