@@ -11,6 +11,7 @@ from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
 from corrlab.interventions import (
     AggregationOptions,
     CorrAdapter,
+    MatchedAttention,
     CorrAdapterConfig,
     CorrAdapterHandle,
     blend_aggregated,
@@ -283,7 +284,7 @@ def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radi
     q, k, v, index, kept = random_case(heads_matched + radius, heads_matched)
     scale = 1 / math.sqrt(q.shape[-1])
     options = AggregationOptions(radius=radius, eta=0.3, window=window, chunk_size=chunk)
-    got, count = windowed_aggregation(q, k, v, index, kept, (3, 4), scale=scale, options=options)
+    got, count = windowed_aggregation(MatchedAttention(q, k, v, index, kept, (3, 4), scale), options)
     ref, ref_count = naive_aggregation(q, k, v, index, kept, (3, 4), scale, radius, window)
     assert torch.equal(count, ref_count)  # exact: integer counts
     # float64, different summation orders: a few ulps
@@ -291,17 +292,17 @@ def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radi
     # the fused output is the blend of the aggregation, on strided (non-contiguous) inputs too
     original = torch.randn(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     qs, ks, vs = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
-    fused = corr_adapted_output(original, qs, ks, vs, index, kept, (3, 4), scale=scale, options=options)
+    fused = corr_adapted_output(original, MatchedAttention(qs, ks, vs, index, kept, (3, 4), scale), options)
     torch.testing.assert_close(fused, blend_aggregated(original, ref, ref_count, 0.3), rtol=1e-10, atol=1e-12)
     untouched = ref_count == 0
     # exact: rows without a kept match are copied, never written
     assert untouched.any() and torch.equal(fused[untouched], original[untouched])
-    exact = corr_adapted_output(original, q, k, v, index, kept, (3, 4), scale=scale,
-                                options=AggregationOptions(radius=radius, eta=1.0))
+    att = MatchedAttention(q, k, v, index, kept, (3, 4), scale)
+    exact = corr_adapted_output(original, att, AggregationOptions(radius=radius, eta=1.0))
     assert torch.equal(exact, original)  # exact: the documented eta = 1 guarantee (x * 1 + 0 == x in IEEE)
     # in place, also into a tensor whose rows are not contiguous (written through a copy)
     for target in (original.clone(), original.transpose(-1, -2).contiguous().transpose(-1, -2)):
-        same = corr_adapted_output(target, q, k, v, index, kept, (3, 4), scale=scale, options=options, inplace=True)
+        same = corr_adapted_output(target, att, options, inplace=True)
         assert same is target
         torch.testing.assert_close(target, fused, rtol=1e-12, atol=1e-12)
 
@@ -350,8 +351,12 @@ def test_window_token_indices_masks_outside_entries():
 def test_aggregation_rejects_bad_shapes():
     q, k, v, index, kept = random_case(0, 2)
     with pytest.raises(ShapeError, match="index"):
-        windowed_aggregation(q, k, v, index[:, :, :, :1], kept, (3, 4), scale=1.0, options=AggregationOptions(radius=1))
+        MatchedAttention(q, k, v, index[:, :, :, :1], kept, (3, 4), 1.0)
     with pytest.raises(ShapeError, match="grid"):
-        windowed_aggregation(q, k, v, index, kept, (4, 4), scale=1.0, options=AggregationOptions(radius=1))
+        MatchedAttention(q, k, v, index, kept, (4, 4), 1.0)
     with pytest.raises(ShapeError, match="kept"):
-        windowed_aggregation(q, k, v, index, kept.long(), (3, 4), scale=1.0, options=AggregationOptions(radius=1))
+        MatchedAttention(q, k, v, index, kept.long(), (3, 4), 1.0)
+    with pytest.raises(ValueRangeError, match="scale"):
+        MatchedAttention(q, k, v, index, kept, (3, 4), 0.0)
+    with pytest.raises(CorrlabError, match="options: expected an AggregationOptions"):
+        windowed_aggregation(MatchedAttention(q, k, v, index, kept, (3, 4), 1.0), {"radius": 1})

@@ -58,6 +58,7 @@ __all__ = [
 # CorrAdapter (training-free native-correspondence aggregation, methods.md section 2)
 from .aggregation import (  # noqa: E402
     AggregationOptions,
+    MatchedAttention,
     CorrAdapter,
     CorrAdapterConfig,
     CorrAdapterHandle,
@@ -74,6 +75,7 @@ from .aggregation import (  # noqa: E402
 
 __all__ += [
     "AggregationOptions",
+    "MatchedAttention",
     "CorrAdapter",
     "CorrAdapterConfig",
     "CorrAdapterHandle",

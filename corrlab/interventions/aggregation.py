@@ -63,6 +63,7 @@ from ..probing.taps import AttentionCall, AttentionTaps, list_layers
 
 __all__ = [
     "AggregationOptions",
+    "MatchedAttention",
     "CorrAdapterConfig",
     "CorrAdapter",
     "CorrAdapterHandle",
@@ -412,31 +413,61 @@ def window_token_indices(
     return row.clamp(0, h - 1) * w + col.clamp(0, w - 1), inside
 
 
-def _check_inputs(q, k, v, index, kept, grid, options) -> tuple[int, int]:
-    if not isinstance(q, torch.Tensor) or q.ndim != 5:
-        raise ShapeError(f"q: expected a tensor of shape (B, V, heads, N, d), got {describe(q)}")
-    for name, x in (("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[:4] != q.shape[:4]:
-            raise ShapeError(f"{name}: expected shape {tuple(q.shape[:4])} + (d,) matching q, got {describe(x)}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ShapeError(f"k: expected head size {q.shape[-1]} matching q, got {describe(k)}")
-    B, V, H, N, _ = q.shape
-    if V < 2:
-        raise ShapeError(f"q: expected at least 2 images (V >= 2), got {describe(q)}")
-    ok = isinstance(index, torch.Tensor) and index.ndim == 5 and index.shape[:2] == (B, V)
-    if not ok or index.shape[2] not in (1, H) or index.shape[3:] != (V - 1, N) or index.dtype != torch.long:
-        raise ShapeError(f"index: expected a long tensor of shape ({B}, {V}, {H} or 1, {V - 1}, {N}), got {describe(index)}")
-    if not isinstance(kept, torch.Tensor) or kept.shape != index.shape or kept.dtype != torch.bool:
-        raise ShapeError(f"kept: expected a bool tensor of shape {tuple(index.shape)}, got {describe(kept)}")
-    try:
-        h, w = int(grid[0]), int(grid[1])
-    except (TypeError, ValueError, IndexError):
-        raise ShapeError(f"grid: expected a (rows, cols) pair, got {grid!r}") from None
-    if h * w != N:
-        raise ShapeError(f"grid: expected rows * cols = N = {N}, got {grid!r}")
+@dataclass(frozen=True, eq=False)
+class MatchedAttention:
+    """One adapted layer call: its q, k, v and its native matches, validated on construction.
+
+    Attributes:
+        q, k: ``(B, V, heads, N, d)`` the layer's queries and keys of the image tokens.
+        v: ``(B, V, heads, N, dv)`` its values.
+        index: ``(B, V, H', V-1, N)`` long, matched token in the t-th other image (order of
+            :func:`other_images`) for each source token; ``H'`` = heads, or 1 (one match for every head).
+        kept: ``(B, V, H', V-1, N)`` bool, which matches to use.
+        grid: ``(h, w)`` token grid of every image, ``h * w = N``.
+        scale: the layer's softmax scale.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    index: torch.Tensor
+    kept: torch.Tensor
+    grid: tuple[int, int]
+    scale: float
+
+    def __post_init__(self) -> None:
+        q, k, v, index, kept, grid = self.q, self.k, self.v, self.index, self.kept, self.grid
+        if not isinstance(q, torch.Tensor) or q.ndim != 5:
+            raise ShapeError(f"q: expected a tensor of shape (B, V, heads, N, d), got {describe(q)}")
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[:4] != q.shape[:4]:
+                raise ShapeError(f"{name}: expected shape {tuple(q.shape[:4])} + (d,) matching q, got {describe(x)}")
+        if k.shape[-1] != q.shape[-1]:
+            raise ShapeError(f"k: expected head size {q.shape[-1]} matching q, got {describe(k)}")
+        B, V, H, N, _ = q.shape
+        if V < 2:
+            raise ShapeError(f"q: expected at least 2 images (V >= 2), got {describe(q)}")
+        ok = isinstance(index, torch.Tensor) and index.ndim == 5 and index.shape[:2] == (B, V)
+        if not ok or index.shape[2] not in (1, H) or index.shape[3:] != (V - 1, N) or index.dtype != torch.long:
+            raise ShapeError(f"index: expected a long tensor of shape ({B}, {V}, {H} or 1, {V - 1}, {N}), got {describe(index)}")
+        if not isinstance(kept, torch.Tensor) or kept.shape != index.shape or kept.dtype != torch.bool:
+            raise ShapeError(f"kept: expected a bool tensor of shape {tuple(index.shape)}, got {describe(kept)}")
+        try:
+            h, w = int(grid[0]), int(grid[1])
+        except (TypeError, ValueError, IndexError):
+            raise ShapeError(f"grid: expected a (rows, cols) pair, got {grid!r}") from None
+        if h * w != N:
+            raise ShapeError(f"grid: expected rows * cols = N = {N}, got {grid!r}")
+        object.__setattr__(self, "grid", (h, w))
+        sc = self.scale
+        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not 0.0 < float(sc) < float("inf"):
+            raise ValueRangeError(f"scale: expected a positive finite float, got {sc!r}")
+
+
+def _check_options(options) -> AggregationOptions:
     if not isinstance(options, AggregationOptions):
         raise CorrlabError(f"options: expected an AggregationOptions, got {describe(options)}")
-    return h, w
+    return options
 
 
 def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
@@ -454,13 +485,14 @@ def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
 
 
 def _kept_window_attention(
-    q, k, v, index, kept, grid, scale, options: AggregationOptions, dtype
+    att: MatchedAttention, options: AggregationOptions, dtype
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Windowed attention of every kept match, block by block.
 
     Yields ``((b, i, h, p), agg (C, dv))``: batch entry, source image, head and source token of each match
     (``(C,)`` long each) and the softmax over its window's keys applied to the values (dtype ``dtype``).
     """
+    q, k, v, index, kept, grid, scale = att.q, att.k, att.v, att.index, att.kept, att.grid, att.scale
     B, V, H, N, _ = q.shape
     radius, window, border, chunk_size = options.radius, options.window, options.border, options.chunk_size
     bs, src, hs, ts, ps = kept.expand(B, V, H, V - 1, N).nonzero(as_tuple=True)  # M kept matches
@@ -490,27 +522,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def windowed_aggregation(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    index: torch.Tensor,
-    kept: torch.Tensor,
-    grid: tuple[int, int],
-    *,
-    scale: float,
-    options: AggregationOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def windowed_aggregation(att: MatchedAttention, options: AggregationOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to the window around each kept match, averaged over the kept other images.
 
     Args:
-        q, k: ``(B, V, heads, N, d)`` the layer's queries and keys of the image tokens.
-        v: ``(B, V, heads, N, dv)`` its values.
-        index: ``(B, V, H', V-1, N)`` long, matched token in the t-th other image (order of
-            :func:`other_images`) for each source token; ``H'`` = heads, or 1 (one match for every head).
-        kept: ``(B, V, H', V-1, N)`` bool, which matches to use.
-        grid: ``(h, w)`` token grid of every image, ``h * w = N``.
-        scale: the layer's softmax scale.
+        att: the layer's q, k, v (``(B, V, heads, N, d)``), matches and grid (:class:`MatchedAttention`).
         options: the window (``radius``, ``window``, ``border``) and ``chunk_size`` (``eta`` and ``unmatched``
             are the blend's, not read here).
 
@@ -519,12 +535,12 @@ def windowed_aggregation(
         the windowed attention output (float32, or float64 for float64 inputs; 0 where nothing was kept)
         and the number of kept other images.
     """
-    h, w = _check_inputs(q, k, v, index, kept, grid, options)
-    B, V, H, N, _ = q.shape
-    dtype = _compute_dtype(q)
-    total = torch.zeros((B * V * H * N, v.shape[-1]), dtype=dtype, device=q.device)
-    count = torch.zeros((B * V * H * N,), dtype=dtype, device=q.device)
-    for (b, i, hd, p), agg in _kept_window_attention(q, k, v, index, kept, (h, w), scale, options, dtype):
+    _check_options(options)
+    B, V, H, N, _ = att.q.shape
+    dtype = _compute_dtype(att.q)
+    total = torch.zeros((B * V * H * N, att.v.shape[-1]), dtype=dtype, device=att.q.device)
+    count = torch.zeros((B * V * H * N,), dtype=dtype, device=att.q.device)
+    for (b, i, hd, p), agg in _kept_window_attention(att, options, dtype):
         row = ((b * V + i) * H + hd) * N + p
         total.index_add_(0, row, agg)
         count.index_add_(0, row, torch.ones_like(agg[:, 0]))
@@ -554,17 +570,7 @@ def blend_aggregated(original: torch.Tensor, aggregated: torch.Tensor, count: to
 
 @torch.no_grad()
 def corr_adapted_output(
-    original: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    index: torch.Tensor,
-    kept: torch.Tensor,
-    grid: tuple[int, int],
-    *,
-    scale: float,
-    options: AggregationOptions,
-    inplace: bool = False,
+    original: torch.Tensor, att: MatchedAttention, options: AggregationOptions, *, inplace: bool = False
 ) -> torch.Tensor:
     """CorrAdapter's output in one pass: :func:`blend_aggregated` of :func:`windowed_aggregation`.
 
@@ -576,25 +582,25 @@ def corr_adapted_output(
     its rows are contiguous, as an attention kernel's output is). With ``eta = 1`` the result equals
     ``original`` exactly.
     """
-    h, w = _check_inputs(q, k, v, index, kept, grid, options)
-    B, V, H, N, _ = q.shape
-    if not isinstance(original, torch.Tensor) or original.shape != v.shape:
-        raise ShapeError(f"original: expected shape {tuple(v.shape)} (the values'), got {describe(original)}")
+    _check_options(options)
+    B, V, H, N, _ = att.q.shape
+    if not isinstance(original, torch.Tensor) or original.shape != att.v.shape:
+        raise ShapeError(f"original: expected shape {tuple(att.v.shape)} (the values'), got {describe(original)}")
     eta, unmatched = options.eta, options.unmatched
     target = original if inplace else original.clone(memory_format=torch.contiguous_format)
     if unmatched == "scaled":
         target.mul_(eta)  # every token's original gets weight eta; the kept ones get their aggregate below
     rows, (sb, sv, sh, sn), offset = _row_view(target)
     copied = rows.untyped_storage().data_ptr() != target.untyped_storage().data_ptr()
-    n_kept = kept.expand(B, V, H, V - 1, N).sum(dim=3)  # (B, V, H, N) kept other images per output row
+    n_kept = att.kept.expand(B, V, H, V - 1, N).sum(dim=3)  # (B, V, H, N) kept other images per output row
     tb, ti, th, tp = n_kept.nonzero(as_tuple=True)
     if tb.numel() == 0:
         return target
     if unmatched == "original":
         rows[offset + tb * sb + ti * sv + th * sh + tp * sn] *= eta
-    dtype = _compute_dtype(q)
+    dtype = _compute_dtype(att.q)
     share = (1.0 - float(eta)) / n_kept.clamp(min=1).to(dtype)
-    for (b, i, hd, p), agg in _kept_window_attention(q, k, v, index, kept, (h, w), scale, options, dtype):
+    for (b, i, hd, p), agg in _kept_window_attention(att, options, dtype):
         agg.mul_(share[b, i, hd, p].unsqueeze(-1))
         rows.index_add_(0, offset + b * sb + i * sv + hd * sh + p * sn, agg.to(rows.dtype))
     if copied:  # rows of a contiguous copy: write it back
@@ -728,8 +734,8 @@ class CorrAdapter:
         index, kept = self._matches(call, q, k, step, refresh_every)
         if not cfg.history_for_aggregation:
             q, k = call.q, call.k
-        out = corr_adapted_output(call.out, q, k, call.v, index, kept, call.layout.grid, scale=call.scale,
-                                  options=cfg.aggregation(self._window_shape(call)), inplace=True)
+        att = MatchedAttention(q, k, call.v, index, kept, call.layout.grid, call.scale)
+        out = corr_adapted_output(call.out, att, cfg.aggregation(self._window_shape(call)), inplace=True)
         self.stats["adapted_calls"] += 1
         self.stats["kept"] += int(kept.sum()) * (call.q.shape[2] // kept.shape[2])
         self.stats["total"] += kept.numel() * (call.q.shape[2] // kept.shape[2])

@@ -394,40 +394,29 @@ def match_layout(
     )
 
 
-def match_tokens(
-    q_src: torch.Tensor,
-    k_tgt: torch.Tensor,
-    grid_tgt: tuple[int, int],
-    *,
-    scale: float,
-    similarity: Similarity = MatchingOptions.similarity,
-    heads: HeadMode = MatchingOptions.heads,
-    confidence: ConfidenceMode = MatchingOptions.confidence,
-    threshold: float = MatchingOptions.threshold,
-    window_radius: int = MatchingOptions.window_radius,
-    mutual: bool = MatchingOptions.mutual,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> TokenMatches:
-    """Match every source token of one image to a token of one other image.
+def match_tokens(q_src: torch.Tensor, k_tgt: torch.Tensor, grid_tgt: tuple[int, int], *, scale: float,
+                 **options) -> TokenMatches:
+    """Match every source token of one image to a token of one other image (:func:`match_views` with one target).
 
     Args:
         q_src: ``(heads, Ns, d)`` the layer's queries of the source image's tokens.
         k_tgt: ``(heads, Nt, d)`` the layer's keys of the target image's tokens.
         grid_tgt: ``(h, w)`` the target token grid, ``h * w = Nt`` (row-major).
         scale: the layer's attention scale (``1 / sqrt(d)`` unless the layer says otherwise).
-        similarity, heads, confidence, threshold, window_radius, mutual: see :class:`MatchingOptions`
-            (defaults there).
-        chunk_size: source tokens per block; at most ``H' x chunk_size x Nt`` similarities exist at once.
+        **options: keyword options of :func:`match_views`: the :class:`MatchingOptions` fields but ``history``
+            (defaults there) and ``chunk_size`` (source tokens per block; at most ``H' x chunk_size x Nt``
+            similarities exist at once).
 
     Returns:
         :class:`TokenMatches` with ``index``, ``confidence``, ``kept`` of shape ``(H', Ns)``.
     """
     if not isinstance(k_tgt, torch.Tensor) or k_tgt.ndim != 3:
         raise ShapeError(f"k_tgt: expected a tensor of shape (heads, Nt, d), got {describe(k_tgt)}")
-    m = match_views(
-        q_src, k_tgt[:, None], grid_tgt, scale=scale, similarity=similarity, heads=heads, confidence=confidence,
-        threshold=threshold, window_radius=window_radius, mutual=mutual, chunk_size=chunk_size,
-    )
+    allowed = set(MatchingOptions.fields()) - {"history"} | {"chunk_size"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise CorrlabError(f"options: unknown matching options {unknown}; expected some of {sorted(allowed)}")
+    m = match_views(q_src, k_tgt[:, None], grid_tgt, scale=scale, **options)
     return TokenMatches(index=m.index[:, 0], confidence=m.confidence[:, 0], kept=m.kept[:, 0])
 
 
