@@ -14,26 +14,13 @@ def register(subparsers) -> None:
         "prompt, seed) with the embedded MultiViewDiT. Without --cameras the cameras follow the "
         "renderer's training layout for --seed.",
     )
-    p.add_argument("--prompt", required=True, help='e.g. "red striped box" (words from the scene vocabulary)')
-    p.add_argument("--seed", type=int, default=0, help="noise seed (and camera seed without --cameras)")
-    p.add_argument("--views", type=int, default=4, help="number of views when --cameras is not given")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model), or a "
-                   "diffusers pipeline folder (or cached hub id) of a supported type: WanPipeline, FluxPipeline, "
-                   "StableDiffusionPipeline, MultiViewUNetPipeline")
-    p.add_argument("--cameras", help="cameras.json of a corrlab set: generate under those cameras")
+    add_generation_arguments(p, steps_flag="--steps")
     p.add_argument("--reference", metavar="SET_DIR",
                    help="image-conditioned generation: copy views --reference-views of this corrlab set as clean "
                    "references and generate the others (cameras from --cameras, else from SET_DIR)")
     p.add_argument("--reference-views", type=int, nargs="+", metavar="V",
                    help="indices of the given views (default: 0; needs --reference)")
-    dp = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR)")
-    dp.add_argument("--height", type=int, help="image height (default: the pipeline's)")
-    dp.add_argument("--width", type=int, help="image width (default: the pipeline's)")
-    dp.add_argument("--frames", type=int, help="video frames (WanPipeline; default: the pipeline's)")
-    p.add_argument("--out", required=True, help="output set directory")
-    p.add_argument("--no-progress", action="store_true")
+    add_diffusers_arguments(p)
     ca = p.add_argument_group("CorrAdapter", "training-free native-correspondence aggregation (methods.md section 2)")
     ca.add_argument("--corr-adapter", action="store_true", help="generate with CorrAdapter enabled")
     ca.add_argument("--eta", type=float, help="weight of the original attention output (default 0.1; 1 = off)")
@@ -44,6 +31,31 @@ def register(subparsers) -> None:
                     help="start from a released integration's exact settings (README: reproducing the released "
                     "settings); the options above override it")
     p.set_defaults(func=run)
+
+
+def add_generation_arguments(p, steps_flag: str) -> None:
+    """The flags of one generation shared by ``generate`` and ``probe``: prompt, seed, views, sampling steps
+    (``steps_flag``: ``--steps`` for generate, ``--num-steps`` for probe, whose ``--steps`` are recorded steps),
+    guidance, model, cameras."""
+    p.add_argument("--prompt", required=True, help='e.g. "red striped box" (words from the scene vocabulary)')
+    p.add_argument("--seed", type=int, default=0, help="noise seed (and camera seed without --cameras)")
+    p.add_argument("--views", type=int, default=4, help="number of views when --cameras is not given (default 4)")
+    p.add_argument(steps_flag, type=int, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model), or a "
+                   "diffusers pipeline folder (or cached hub id) of a supported type: WanPipeline, FluxPipeline, "
+                   "StableDiffusionPipeline, MultiViewUNetPipeline")
+    p.add_argument("--cameras", help="cameras.json of a corrlab set (or its folder): generate under those cameras")
+
+
+def add_diffusers_arguments(p) -> None:
+    """The diffusers-pipeline sizes and the output flags shared by ``generate`` and ``probe``."""
+    dp = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR)")
+    dp.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    dp.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    dp.add_argument("--frames", type=int, help="video frames (WanPipeline; default: the pipeline's)")
+    p.add_argument("--out", required=True, help="output set directory")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def load_cameras(path, patch_size: int | None = None) -> tuple[list, int]:

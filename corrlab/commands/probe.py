@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .generate import add_diffusers_arguments, add_generation_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -12,24 +14,11 @@ def register(subparsers) -> None:
         "attention layers; writes the set (views, cameras.json) and the probe record DIR/record.nc. "
         "Score it with `corrlab score DIR`.",
     )
-    p.add_argument("--prompt", required=True, help='e.g. "red striped box" (words from the scene vocabulary)')
-    p.add_argument("--seed", type=int, default=0, help="noise seed (and camera seed without --cameras)")
-    p.add_argument("--cameras", help="cameras.json of a corrlab set (or its folder): generate under those cameras")
-    p.add_argument("--views", type=int, default=4, help="number of views when --cameras is not given (default 4)")
-    p.add_argument("--num-steps", type=int, help="sampling steps (default: the pipeline's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model), or a "
-                   "diffusers pipeline folder (or cached hub id) of a supported type: WanPipeline, FluxPipeline, "
-                   "StableDiffusionPipeline, MultiViewUNetPipeline")
+    add_generation_arguments(p, steps_flag="--num-steps")
     p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to probe (default: all multi-image layers)")
     p.add_argument("--steps", nargs="+", type=int, metavar="I", help="step indices to record (default: all)")
     add_matching_arguments(p)
-    dp = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR)")
-    dp.add_argument("--height", type=int, help="image height (default: the pipeline's)")
-    dp.add_argument("--width", type=int, help="image width (default: the pipeline's)")
-    dp.add_argument("--frames", type=int, help="video frames (WanPipeline; default: the pipeline's)")
-    p.add_argument("--out", required=True, help="output set directory")
-    p.add_argument("--no-progress", action="store_true")
+    add_diffusers_arguments(p)
     p.set_defaults(func=run)
 
 
