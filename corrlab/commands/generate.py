@@ -58,6 +58,31 @@ def add_diffusers_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def embedded_model_and_cameras(args: argparse.Namespace):
+    """``(pipe, cameras, size)`` for a generation with the embedded model: ``--model`` loaded, ``--cameras``
+    read (None, None without it); the diffusers-only flags are refused."""
+    from ..errors import CorrlabError
+    from ..model import load_default
+
+    for flag in ("height", "width", "frames"):
+        if getattr(args, flag) is not None:
+            raise CorrlabError(f"--{flag}: only for a diffusers pipeline --model, got it with the embedded model")
+    pipe = load_default(args.model)
+    cameras, size = (None, None)
+    if args.cameras:
+        cameras, size = load_cameras(args.cameras, patch_size=pipe.model.config.patch_size)
+    return pipe, cameras, size
+
+
+def sample_embedded(pipe, args: argparse.Namespace, cameras, size, num_steps: int | None, **extra):
+    """One set from the embedded pipeline with the generation flags (``num_steps`` None: the default)."""
+    from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    return pipe(args.prompt, cameras=cameras, num_views=args.views, num_inference_steps=num_steps or DEFAULT_STEPS,
+                guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
+                progress=not args.no_progress, size=size, **extra)
+
+
 def load_cameras(path, patch_size: int | None = None) -> tuple[list, int]:
     """Cameras and the (square) image size from a corrlab ``cameras.json``.
 
@@ -91,7 +116,6 @@ def load_cameras(path, patch_size: int | None = None) -> tuple[list, int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CorrlabError
-    from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_default
     from ..sets import save_set
 
     if args.views < 1:
@@ -103,27 +127,11 @@ def run(args: argparse.Namespace) -> int:
             raise CorrlabError("--reference: image-conditioned generation is for corrlab's embedded models, "
                                "got it with a diffusers pipeline --model")
         return run_pipeline_command(args, record=False)
-    for flag in ("height", "width", "frames"):
-        if getattr(args, flag) is not None:
-            raise CorrlabError(f"--{flag}: only for a diffusers pipeline --model, got it with the embedded model")
-    pipe = load_default(args.model)
-    cameras, size = (None, None)
-    if args.cameras:
-        cameras, size = load_cameras(args.cameras, patch_size=pipe.model.config.patch_size)
+    pipe, cameras, size = embedded_model_and_cameras(args)
     reference, cameras, size = load_reference(args, cameras, size)
     adapter = _corr_adapter(args, pipe)
     with adapter if adapter is not None else contextlib.nullcontext():
-        mvs = pipe(
-            args.prompt,
-            cameras=cameras,
-            num_views=args.views,
-            num_inference_steps=args.steps or DEFAULT_STEPS,
-            guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
-            seed=args.seed,
-            progress=not args.no_progress,
-            size=size,
-            **({"reference": reference} if reference else {}),
-        )
+        mvs = sample_embedded(pipe, args, cameras, size, args.steps, **({"reference": reference} if reference else {}))
     if adapter is not None:
         mvs.meta["corr_adapter"] = {**dataclasses.asdict(adapter.config), "layers": adapter.layers,
                                     "preset": getattr(args, "preset", None)}

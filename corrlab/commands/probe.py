@@ -52,10 +52,10 @@ def matching_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CorrlabError
-    from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_default, resolve_model_path
+    from ..model import DEFAULT_STEPS, resolve_model_path
     from ..probing import probe
     from ..sets import save_set
-    from .generate import load_cameras
+    from .generate import embedded_model_and_cameras, sample_embedded
 
     if args.views < 1:
         raise CorrlabError(f"--views: expected a positive number of views, got {args.views}")
@@ -64,25 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     if pipeline_source(args.model) is not None:
         return run_pipeline_command(args, record=True)
-    for flag in ("height", "width", "frames"):
-        if getattr(args, flag) is not None:
-            raise CorrlabError(f"--{flag}: only for a diffusers pipeline --model, got it with the embedded model")
-    pipe = load_default(args.model)
-    cameras, size = None, None
-    if args.cameras:
-        cameras, size = load_cameras(args.cameras)
+    pipe, cameras, size = embedded_model_and_cameras(args)
     with probe(pipe, layers=args.layers, steps=args.steps, matching=matching, batch_index=args.batch_index,
                chunk_size=args.chunk_size) as rec:
-        mvs = pipe(
-            args.prompt,
-            cameras=cameras,
-            num_views=args.views,
-            num_inference_steps=args.num_steps or DEFAULT_STEPS,
-            guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
-            seed=args.seed,
-            progress=not args.no_progress,
-            size=size,
-        )
+        mvs = sample_embedded(pipe, args, cameras, size, args.num_steps)
     if not rec.steps:
         raise CorrlabError(f"--steps: no step of the {args.num_steps or DEFAULT_STEPS} sampled matched {args.steps}")
     rec.set_meta(model=str(resolve_model_path(args.model)))  # prompt, seed, cameras: recorded by the probe
