@@ -136,7 +136,7 @@ def sweep_configs(args) -> dict[str, dict]:
         for eta in (0.5, 0.8):
             configs[f"eta={eta}"] = {"eta": eta}
         for r in (1, 5):
-            configs[f"r={r}"] = {"radius": r}
+            configs[f"r={r}"] = {"window_radius": r}
         configs["active=all"] = {"active_steps": None}
         default_active = d.schedule()[0]  # "auto" resolved by the paper's rule (text-to-multi-view: 10)
         configs[f"active={max(1, (default_active or args.steps) // 2)}"] = {

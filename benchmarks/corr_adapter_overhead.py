@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     pipe = tiny_pipeline() if args.tiny else load_default(args.model)
     size = pipe.sample_size
     cams = sample_cameras(args.seed, args.views, size, layout="train")
-    params = {k: v for k, v in (("eta", args.eta), ("radius", args.radius), ("active_steps", args.active_steps),
+    params = {k: v for k, v in (("eta", args.eta), ("window_radius", args.radius), ("active_steps", args.active_steps),
                                 ("refresh_every", args.refresh), ("layers", args.layers)) if v is not None}
     if params.get("active_steps") == 0:
         params["active_steps"] = None

@@ -14,7 +14,7 @@ process waits for a core; wall time is reported beside it. Exact mode must stay 
 unprobed run (asserted: the benchmark fails otherwise); the fused mode's largest deviation from it is
 reported (``fused_max_abs_diff``, pixels in [0, 1], after all steps). Exact is the probe's default
 (a probe observes: its record describes the images the same seed gives without it); fused is the
-opt-in for cost, see :mod:`corrlab.probing.probe`.
+opt-in for cost, see :mod:`corrlab.probing.recording`.
 
 Memory (skip with ``--no-memory``): tracemalloc does not see torch's CPU allocations and ``ru_maxrss`` is
 dominated by import-time peaks, so the peak of torch's own allocator is read from the torch profiler

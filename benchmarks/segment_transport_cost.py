@@ -24,7 +24,8 @@ import time
 import torch
 
 from corrlab.interventions import SegmentTransportConfig, segment_transport
-from corrlab.interventions.velocity_adapters import embedded_velocity_fn, generate_pair
+from corrlab.interventions.pair_generation import SamplingOptions, generate_pair
+from corrlab.interventions.velocity_adapters import embedded_velocity_fn
 from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, CorrlabPipeline, MultiViewDiT, load_default
 from corrlab.scenes import sample_cameras
 
@@ -75,8 +76,12 @@ def main(argv=None) -> int:
         pipe(args.prompt_a, seed=args.seed, **common)
         pipe(args.prompt_b, seed=args.seed, **common)
 
+    sampling = SamplingOptions(num_views=len(cams), num_inference_steps=args.steps, guidance_scale=args.guidance)
+
     def pair(mode):
-        return lambda: generate_pair(pipe, args.prompt_a, args.prompt_b, args.seed, mode=mode, k=args.k, **common)
+        transport = SegmentTransportConfig(mode=mode, k=args.k)
+        return lambda: generate_pair(pipe, args.prompt_a, args.prompt_b, args.seed, cameras=cams, sampling=sampling,
+                                     transport=transport, progress=False)
 
     t_two = timed(two_independent, args.repeats)
     t_ind = timed(pair("independent"), args.repeats)

@@ -36,7 +36,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
 from corrlab.interventions import MODES
-from corrlab.interventions.velocity_adapters import generate_pairs
+from corrlab.interventions import SegmentTransportConfig
+from corrlab.interventions.pair_generation import SamplingOptions, generate_pairs
 from corrlab.model import DEFAULT_GUIDANCE, CorrlabPipeline, load_default
 from corrlab.model.adherence import dominant_colour_word
 from corrlab.model.train import HELD_OUT_SEED_START
@@ -235,8 +236,9 @@ def main(argv=None) -> int:
         for b0 in tqdm(range(0, len(pairs), args.batch), desc=mode):
             chunk = pairs[b0 : b0 + args.batch]
             prompts, seeds = [c[0] for c in chunk], [c[1] for c in chunk]
-            res = generate_pairs(pipe, prompts, seeds, mode=mode, k=args.k, num_views=args.views,
-                                 num_inference_steps=args.steps, guidance_scale=args.guidance, progress=False)
+            res = generate_pairs(pipe, prompts, seeds, transport=SegmentTransportConfig(mode=mode, k=args.k),
+                                 sampling=SamplingOptions(num_views=args.views, num_inference_steps=args.steps,
+                                                          guidance_scale=args.guidance), progress=False)
             feats = feature_distance(pipe, res, prompts, layer, args.feat_t, seed=12345)
             for j, (r, (pa, pb), seed, fd) in enumerate(zip(res, prompts, seeds, feats)):
                 pair_id = b0 + j

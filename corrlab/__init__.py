@@ -5,7 +5,7 @@
 >>> corrlab.probe.layers(pipe)                                      # doctest: +SKIP
 >>> with corrlab.probe(pipe, layers=["blocks.5.attn"]) as rec:      # doctest: +SKIP
 ...     mvs = pipe("red striped box", seed=0)
->>> with corrlab.corr_adapter(pipe, eta=0.1, radius=3):             # doctest: +SKIP
+>>> with corrlab.corr_adapter(pipe, eta=0.1, window_radius=3):      # doctest: +SKIP
 ...     mvs_aligned = pipe("red striped box", seed=0)
 
 Conventions (cameras, pixels, distances) are stated once in :mod:`corrlab.geometry`.
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "probe": ("corrlab.probing", "probe"),
     "ProbeRecord": ("corrlab.probing", "ProbeRecord"),
+    "MatchingOptions": ("corrlab.probing", "MatchingOptions"),
     "score_record": ("corrlab.probing", "score_record"),
     "corr_adapter": ("corrlab.interventions", "corr_adapter"),
     "segment_transport": ("corrlab.interventions", "segment_transport"),

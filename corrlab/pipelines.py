@@ -345,13 +345,11 @@ def run_pipeline_command(args: Any, record: bool) -> int:
         stack.enter_context(multi_image(pipe, views))
         rec = None
         if record:
+            from .commands.probe import matching_from_args
             from .probing import probe
 
-            matching = dict(similarity=args.similarity, heads=args.heads, confidence=args.confidence,
-                            threshold=args.threshold, window_radius=args.window_radius, mutual=args.mutual,
-                            chunk_size=args.chunk_size)
-            rec = stack.enter_context(probe(pipe, layers=args.layers, steps=args.steps, batch_index=args.batch_index,
-                                            history=args.history, **matching))
+            rec = stack.enter_context(probe(pipe, layers=args.layers, steps=args.steps, matching=matching_from_args(args),
+                                            batch_index=args.batch_index, chunk_size=args.chunk_size))
         if adapter is not None:
             stack.enter_context(adapter)
         images = output_images(pipe(**call))

@@ -9,7 +9,9 @@ import torch
 
 from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
 from corrlab.interventions import (
+    AggregationOptions,
     CorrAdapter,
+    MatchedAttention,
     CorrAdapterConfig,
     CorrAdapterHandle,
     blend_aggregated,
@@ -21,10 +23,10 @@ from corrlab.interventions import (
     windowed_aggregation,
 )
 from corrlab.model import CorrlabPipeline, MultiViewDiT
-from corrlab.probing import AttentionCall, TokenLayout
+from corrlab.probing import AttentionCall, MatchingOptions, TokenLayout
 
 # the package attribute corr_adapter is the context manager; the module is reached through importlib
-ca = importlib.import_module("corrlab.interventions.corr_adapter")
+ca = importlib.import_module("corrlab.interventions.aggregation")
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +127,7 @@ def test_active_steps_limit_where_it_applies(pipe):
 
 
 def test_history_max_runs_and_matches_with_history(pipe):
-    with corr_adapter(pipe, threshold=0.0, active_steps=None, history_max=True, history_length=3,
-                      refresh_every=1) as handle:
+    with corr_adapter(pipe, threshold=0.0, active_steps=None, history=3, refresh_every=1) as handle:
         out = generate(pipe, steps=4)
     assert torch.isfinite(out).all() and handle.stats["matcher_refreshes"] == 4 * len(handle.layers)
 
@@ -153,14 +154,15 @@ def test_paper_schedule_is_the_one_rule_and_auto_resolves_through_it():
 
 def test_presets_set_every_release_point_and_the_default_stays_clean():
     clean = CorrAdapterConfig()
-    assert (clean.strict_threshold, clean.history_for_aggregation, clean.shared_guidance_cache,
+    assert (clean.matching.strict, clean.history_for_aggregation, clean.shared_guidance_cache,
             clean.refresh_last_step, clean.window_border, clean.unmatched) == (False, False, False, False, "mask", "original")
+    assert clean.matching == MatchingOptions()  # the adapter's defaults are the probe's: one definition
     sync = CorrAdapterConfig.preset("syncdreamer")
-    assert (sync.similarity, sync.confidence, sync.history_max, sync.history_length, sync.history_for_aggregation,
+    assert (sync.matching.similarity, sync.matching.confidence, sync.matching.history, sync.history_for_aggregation,
             sync.shared_guidance_cache, sync.refresh_last_step, sync.num_steps, sync.active_steps) == (
-        "dual_softmax", "window", True, 11, True, True, True, 50, None)
+        "dual_softmax", "window", 11, True, True, True, 50, None)
     mva = CorrAdapterConfig.preset("mvadapter", eta=0.5)
-    assert (mva.strict_threshold, mva.window, mva.window_border, mva.unmatched, mva.refresh_every, mva.eta) == (
+    assert (mva.matching.strict, mva.window, mva.window_border, mva.unmatched, mva.refresh_every, mva.eta) == (
         True, "row", "clamp", "scaled", 1, 0.5)
     assert CorrAdapterConfig.preset_names() == ("syncdreamer", "mvadapter")
     with pytest.raises(CorrlabError, match="name"):
@@ -181,7 +183,7 @@ def test_guidance_branches_called_separately_keep_their_own_cache():
     g = torch.Generator().manual_seed(0)
     layout = TokenLayout(2, (3, 3), (12, 12))
     qs = [torch.randn(1, 2, 1, 9, 4, generator=g) * 3 for _ in range(2)]  # the two branches differ
-    adapter = CorrAdapter(CorrAdapterConfig(eta=0.0, threshold=0.0, active_steps=None, refresh_every=2))
+    adapter = CorrAdapter(CorrAdapterConfig.build(eta=0.0, threshold=0.0, active_steps=None, refresh_every=2))
     outs = {}
     for step in range(2):
         for branch in range(2):
@@ -216,15 +218,19 @@ def test_bad_parameters_raise(pipe):
     with pytest.raises(ValueRangeError, match="active_steps"):
         CorrAdapterConfig(active_steps=0)
     with pytest.raises(CorrlabError, match="confidence"):
-        CorrAdapterConfig(confidence="local")
+        CorrAdapterConfig.build(confidence="local")
+    with pytest.raises(CorrlabError, match="matching: expected a corrlab.probing.MatchingOptions"):
+        CorrAdapterConfig(matching={"threshold": 0.1})
     with pytest.raises(CorrlabError, match="unknown CorrAdapter parameters"):
         CorrAdapterHandle(pipe, etaa=0.1)
     with pytest.raises(CorrlabError, match="layers"):
         CorrAdapterHandle(pipe, layers=["blocks.9.attn"])
     handle = CorrAdapterHandle(pipe)
-    with pytest.raises(ValueRangeError, match="radius"):
-        handle.update(radius=-1)
-    assert handle.config.radius == 3
+    with pytest.raises(ValueRangeError, match="window_radius"):
+        handle.update(window_radius=-1)
+    with pytest.raises(CorrlabError, match="unknown CorrAdapter parameters \\['radius'\\]"):
+        handle.update(radius=2)
+    assert handle.config.radius == 3 and handle.config.matching.window_radius == 3
 
 
 def test_cli_options_build_the_handle(pipe):
@@ -294,8 +300,8 @@ def random_case(seed: int, heads_matched: int, B=2, V=3, H=2, grid=(3, 4), d=5):
 def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radius, chunk):
     q, k, v, index, kept = random_case(heads_matched + radius, heads_matched)
     scale = 1 / math.sqrt(q.shape[-1])
-    got, count = windowed_aggregation(q, k, v, index, kept, (3, 4), scale=scale, radius=radius, window=window,
-                                      chunk_size=chunk)
+    options = AggregationOptions(radius=radius, eta=0.3, window=window, chunk_size=chunk)
+    got, count = windowed_aggregation(MatchedAttention(q, k, v, index, kept, (3, 4), scale), options)
     ref, ref_count = naive_aggregation(q, k, v, index, kept, (3, 4), scale, radius, window)
     assert torch.equal(count, ref_count)  # exact: integer counts
     # float64, different summation orders: a few ulps
@@ -303,18 +309,17 @@ def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radi
     # the fused output is the blend of the aggregation, on strided (non-contiguous) inputs too
     original = torch.randn(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     qs, ks, vs = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
-    fused = corr_adapted_output(original, qs, ks, vs, index, kept, (3, 4), scale=scale, radius=radius, eta=0.3,
-                                window=window, chunk_size=chunk)
+    fused = corr_adapted_output(original, MatchedAttention(qs, ks, vs, index, kept, (3, 4), scale), options)
     torch.testing.assert_close(fused, blend_aggregated(original, ref, ref_count, 0.3), rtol=1e-10, atol=1e-12)
     untouched = ref_count == 0
     # exact: rows without a kept match are copied, never written
     assert untouched.any() and torch.equal(fused[untouched], original[untouched])
-    exact = corr_adapted_output(original, q, k, v, index, kept, (3, 4), scale=scale, radius=radius, eta=1.0)
+    att = MatchedAttention(q, k, v, index, kept, (3, 4), scale)
+    exact = corr_adapted_output(original, att, AggregationOptions(radius=radius, eta=1.0))
     assert torch.equal(exact, original)  # exact: the documented eta = 1 guarantee (x * 1 + 0 == x in IEEE)
     # in place, also into a tensor whose rows are not contiguous (written through a copy)
     for target in (original.clone(), original.transpose(-1, -2).contiguous().transpose(-1, -2)):
-        same = corr_adapted_output(target, q, k, v, index, kept, (3, 4), scale=scale, radius=radius, eta=0.3,
-                                   window=window, chunk_size=chunk, inplace=True)
+        same = corr_adapted_output(target, att, options, inplace=True)
         assert same is target
         torch.testing.assert_close(target, fused, rtol=1e-12, atol=1e-12)
 
@@ -340,13 +345,13 @@ def test_perfect_match_with_radius_zero_returns_the_matched_value():
     B, H, N = 2, 2, 16
     out = torch.randn(B, 2, H, N, N, generator=torch.Generator().manual_seed(7))
     call, perm = _perfect_call(out, B, H)
-    adapter = CorrAdapter(CorrAdapterConfig(eta=0.0, radius=0, active_steps=None))
+    adapter = CorrAdapter(CorrAdapterConfig.build(eta=0.0, window_radius=0, active_steps=None))
     new = adapter(call)
     inverse = torch.argsort(perm)
     assert adapter.stats["kept"] == adapter.stats["total"] == B * 2 * H * N  # every match kept, both CFG halves
     torch.testing.assert_close(new[:, 0], call.v[:, 1][:, :, perm], rtol=0, atol=1e-6)
     torch.testing.assert_close(new[:, 1], call.v[:, 0][:, :, inverse], rtol=0, atol=1e-6)
-    blended = CorrAdapter(CorrAdapterConfig(eta=0.25, radius=0, active_steps=None))(call)
+    blended = CorrAdapter(CorrAdapterConfig.build(eta=0.25, window_radius=0, active_steps=None))(call)
     torch.testing.assert_close(blended[:, 0], 0.25 * out[:, 0] + 0.75 * call.v[:, 1][:, :, perm], rtol=0, atol=1e-6)
 
 
@@ -363,8 +368,12 @@ def test_window_token_indices_masks_outside_entries():
 def test_aggregation_rejects_bad_shapes():
     q, k, v, index, kept = random_case(0, 2)
     with pytest.raises(ShapeError, match="index"):
-        windowed_aggregation(q, k, v, index[:, :, :, :1], kept, (3, 4), scale=1.0, radius=1)
+        MatchedAttention(q, k, v, index[:, :, :, :1], kept, (3, 4), 1.0)
     with pytest.raises(ShapeError, match="grid"):
-        windowed_aggregation(q, k, v, index, kept, (4, 4), scale=1.0, radius=1)
+        MatchedAttention(q, k, v, index, kept, (4, 4), 1.0)
     with pytest.raises(ShapeError, match="kept"):
-        windowed_aggregation(q, k, v, index, kept.long(), (3, 4), scale=1.0, radius=1)
+        MatchedAttention(q, k, v, index, kept.long(), (3, 4), 1.0)
+    with pytest.raises(ValueRangeError, match="scale"):
+        MatchedAttention(q, k, v, index, kept, (3, 4), 0.0)
+    with pytest.raises(CorrlabError, match="options: expected an AggregationOptions"):
+        windowed_aggregation(MatchedAttention(q, k, v, index, kept, (3, 4), 1.0), {"radius": 1})

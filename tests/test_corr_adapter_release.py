@@ -284,9 +284,9 @@ def test_each_release_quirk_changes_the_output_where_expected():
 
     runs = list(random_run(MVA_GRID, 3))
     mva = fast_outputs(CorrAdapterConfig.preset("mvadapter"), MVA_GRID, runs, True)
-    for change in ({"window_border": "mask"}, {"unmatched": "original"}, {"strict_threshold": False}):
+    for change in ({"window_border": "mask"}, {"unmatched": "original"}, {"strict": False}):
         d = step_differences(fast_outputs(CorrAdapterConfig.preset("mvadapter", **change), MVA_GRID, runs, True), mva)
-        if "strict_threshold" in change:  # > vs >= only matters at exact ties with 0.05: never on random inputs
+        if "strict" in change:  # > vs >= only matters at exact ties with 0.05: never on random inputs
             assert max(d) == 0.0
         else:
             assert min(d) > 1e-6, change

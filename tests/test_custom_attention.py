@@ -130,7 +130,7 @@ def test_row_wise_tokens_read_back_what_the_processor_computed(unet):
 
 def test_adapter_on_row_wise_layout_eta_one_is_bit_identical_and_restores(unet):
     plain = run_unet(unet)
-    for config in (CorrAdapterConfig(eta=1.0, threshold=0.0, active_steps=None),
+    for config in (CorrAdapterConfig.build(eta=1.0, threshold=0.0, active_steps=None),
                    CorrAdapterConfig.preset("mvadapter", eta=1.0)):
         with corr_adapter(unet, config) as handle:
             same = run_unet(unet)
@@ -186,7 +186,7 @@ def test_adapter_on_row_wise_layout_aggregates_at_the_known_shift(unet):
     the view's own value at the same token."""
     cap = Capture()
     with AttentionTaps(unet, [ROW_LAYER], cap):
-        with corr_adapter(unet, layers=[ROW_LAYER], eta=0.0, radius=0, threshold=0.0, heads="mean", active_steps=None):
+        with corr_adapter(unet, layers=[ROW_LAYER], eta=0.0, window_radius=0, threshold=0.0, heads="mean", active_steps=None):
             run_unet(unet, steps=(500,))
     close = ((cap.out - cap.v).abs().amax(dim=-1) < 1e-4).float().mean()
     assert close > 0.95
@@ -384,7 +384,7 @@ def test_probe_on_registered_module_recovers_the_known_shift(ldm):
 def test_adapter_on_registered_module_aggregates_at_the_known_shift(ldm):
     cap = Capture()
     with AttentionTaps(ldm, [LDM_LAYER], cap):
-        with corr_adapter(ldm, layers=[LDM_LAYER], eta=0.0, radius=0, threshold=0.0, heads="mean", active_steps=None):
+        with corr_adapter(ldm, layers=[LDM_LAYER], eta=0.0, window_radius=0, threshold=0.0, heads="mean", active_steps=None):
             run_ldm(ldm, steps=(500.0,))
     assert ((cap.out - cap.v).abs().amax(dim=-1) < 1e-4).float().mean() > 0.95
     with AttentionTaps(ldm, [LDM_LAYER], cap):

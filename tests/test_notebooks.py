@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from corrlab.errors import CorrlabError, WeightsNotFoundError
-from corrlab.widgets import notebook as nbhelp
+from corrlab import notebook_helpers as nbhelp
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -65,7 +65,6 @@ def test_record_equals_matching_the_captured_q_k(pipe):
     opts = dict(similarity="dual_softmax", confidence="window", window_radius=1, threshold=0.2)
     with probe(pipe, layers=["blocks.1.attn"], steps=[0, 2], chunk_size=5, **opts) as rec:
         mvs = generate(pipe)
-    rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)
     assert rec.steps == [0, 2]
     ts = pipe.timesteps(STEPS)
     torch.testing.assert_close(torch.tensor(rec.ds["timestep"].values, dtype=torch.float32), ts[[0, 2]])
@@ -159,3 +158,63 @@ def test_cli_probe_then_score(pipe, tmp_path, capsys):
     assert "identity" in table and "blocks.1.attn" in table
     assert main(argv + ["--steps", "7", "--out", str(tmp_path / "none")]) == 2  # no such step: a clear error
     assert "--steps" in capsys.readouterr().err
+
+
+def same_cameras(a, b):
+    return len(a) == len(b) and all(torch.equal(x.K, y.K) and torch.equal(x.R, y.R) and torch.equal(x.t, y.t)
+                                    and x.model == y.model for x, y in zip(a, b))
+
+
+def test_probe_records_the_returned_set_without_set_meta(pipe):
+    with probe(pipe, layers=["blocks.1.attn"], steps=[0]) as rec:
+        mvs = generate(pipe)
+    assert rec.prompt == mvs.prompt and rec.seed == mvs.seed == 4
+    assert same_cameras(rec.cameras, mvs.cameras)  # exact: the set's own float64 values
+    # what the ritual call would have given: the same record, value for value
+    with probe(pipe, layers=["blocks.1.attn"], steps=[0]) as by_hand:
+        generate(pipe)
+    by_hand.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)
+    assert rec.equals(by_hand)
+    assert pipe._output_observers == []  # the observer is gone after the block
+
+
+def test_probe_observer_is_removed_on_exceptions_and_ignores_bare_models(pipe):
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe(pipe, layers=["blocks.1.attn"], steps=[0]):
+            raise RuntimeError("boom")
+    assert pipe._output_observers == []
+    after = generate(pipe)  # a later call outside any probe is seen by nobody
+    with probe(pipe.model, layers=["blocks.1.attn"], steps=[0]) as rec:
+        generate(pipe)  # the bare model cannot see the set: no cameras, set_meta is the way
+    assert rec.cameras is None and rec.prompt is None
+    with pytest.raises(CorrlabError, match="set_meta"):
+        rec.require_cameras("scoring")
+    rec.set_meta(prompt=after.prompt, seed=after.seed, cameras=after.cameras)
+    assert same_cameras(rec.cameras, after.cameras)
+
+
+def test_probe_keeps_the_first_set_and_warns_on_a_different_second_one(pipe):
+    with pytest.warns(UserWarning, match="called again"):
+        with probe(pipe, layers=["blocks.1.attn"], steps=[0]) as rec:
+            first = generate(pipe)
+            pipe("blue dotted sphere", num_views=3, num_inference_steps=1, seed=5, progress=False)
+    assert rec.prompt == first.prompt and rec.seed == 4 and same_cameras(rec.cameras, first.cameras)
+
+
+def test_probe_takes_one_matching_options_object(pipe):
+    from corrlab.probing import MatchingOptions
+
+    opts = MatchingOptions(heads="mean", threshold=0.2, history=2)
+    with probe(pipe, layers=["blocks.1.attn"], steps=[1], matching=opts) as a:
+        generate(pipe)
+    with probe(pipe, layers=["blocks.1.attn"], steps=[1], heads="mean", threshold=0.2, history=2) as b:
+        generate(pipe)
+    assert a.equals(b)  # exact: the keyword form builds the same options, same computation twice
+    assert {k: a.matching[k] for k in MatchingOptions.fields()} == opts.as_dict()
+    assert a.ds.sizes["head"] == 1  # heads="mean": one match per token
+    with probe(pipe, layers=["blocks.1.attn"], steps=[1], matching=opts, threshold=0.5) as c:
+        generate(pipe)
+    assert c.matching["threshold"] == 0.5 and c.matching["heads"] == "mean"  # keywords replace fields of matching
+    with pytest.raises(CorrlabError, match="matching: expected None or a MatchingOptions"):
+        with probe(pipe, matching={"heads": "mean"}):
+            pass

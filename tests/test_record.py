@@ -32,15 +32,30 @@ def make_record(seed=0):
                 b.add(layer, step, t, src, tgts, idx, conf, conf > 0.5, num_images=3)
                 truth[(layer, step, src)] = (tgts, idx, conf)
     rec = ProbeRecord(builder=b)
-    cam = Camera(K=[[40.0, 0, 15.5], [0, 40.0, 15.5], [0, 0, 1]], R=look_at((0, 0, -3.0))[0], t=look_at((0, 0, -3.0))[1])
-    rec.set_meta(prompt="a red chair", seed=7, cameras=[cam, cam, cam])
+    rec.set_meta(prompt="a red chair", seed=7, cameras=three_cameras())
     return rec, truth
+
+
+def three_cameras():
+    """Three different cameras (one orthographic) with values that are not short binary fractions."""
+    cams = []
+    for i, eye in enumerate(((0, 0, -3.0), (1.3, 0.2, -2.7), (-0.7, 1.1, -2.9))):
+        R, t = look_at(eye)
+        K = [[40.0 + i / 3, 0, 15.5 + i / 7], [0, 41.0 / 3, 15.5], [0, 0, 1]]
+        cams.append(Camera(K=K, R=R, t=t, model="orthographic" if i == 2 else "perspective"))
+    return cams
+
+
+def same_cameras(a, b):
+    return len(a) == len(b) and all(
+        torch.equal(x.K, y.K) and torch.equal(x.R, y.R) and torch.equal(x.t, y.t) and x.model == y.model for x, y in zip(a, b))
 
 
 def test_layout_values_and_padding():
     rec, truth = make_record()
     ds = rec.ds
-    assert dict(ds.sizes) == {"layer": 2, "step": 2, "src": 3, "tgt": 3, "head": 2, "row": 4, "col": 4}
+    assert dict(ds.sizes) == {"layer": 2, "step": 2, "src": 3, "tgt": 3, "head": 2, "row": 4, "col": 4,
+                              "view": 3, "mat_row": 3, "mat_col": 3}
     assert rec.layers == ["blocks.0.attn", "down.attn1"] and rec.steps == [0, 3]
     assert ds["timestep"].values.tolist() == [1.0, 0.25]  # exact: the stored input values
     assert rec.grid("down.attn1") == (2, 2) and int(ds["num_heads"].sel(layer="down.attn1")) == 1
@@ -81,7 +96,7 @@ def test_save_load_round_trip_is_lossless(tmp_path):
     back = ProbeRecord.load(path)
     assert back.equals(rec)  # exact: a lossless netCDF round trip (no arithmetic)
     assert back.ds["kept"].dtype == bool and back.ds["match_row"].dtype == np.int32
-    assert back.cameras[0].K.tolist() == rec.cameras[0].K.tolist()  # exact: lossless round trip
+    assert same_cameras(back.cameras, three_cameras())  # exact: stored float64 values, no arithmetic
     other, _ = make_record(seed=1)
     assert not back.equals(other)
 
@@ -108,3 +123,73 @@ def test_foreign_files_raise_format_error(tmp_path):
         ProbeRecord.load(tmp_path / "missing.nc")
     with pytest.raises(CorrlabError, match="layer"):
         make_record()[0].grid("nope")
+
+
+def test_cameras_are_stored_once_as_variables():
+    rec, _ = make_record()
+    ds = rec.ds
+    assert "cameras" not in ds.attrs
+    assert ds["camera_K"].dims == ("view", "mat_row", "mat_col") and ds["camera_t"].dims == ("view", "mat_row")
+    assert ds["camera_K"].dtype == np.float64 and ds["camera_R"].dtype == np.float64
+    cams = three_cameras()
+    # exact: the variables hold the cameras' own float64 values
+    assert np.array_equal(ds["camera_K"].values, np.stack([c.K.numpy() for c in cams]))
+    assert np.array_equal(ds["camera_R"].values, np.stack([c.R.numpy() for c in cams]))
+    assert np.array_equal(ds["camera_t"].values, np.stack([c.t.numpy() for c in cams]))
+    assert ds["camera_model"].values.tolist() == ["perspective", "perspective", "orthographic"]
+    assert same_cameras(rec.cameras, cams)
+
+
+def test_set_meta_on_a_loaded_record_replaces_the_cameras(tmp_path):
+    rec, _ = make_record()
+    back = ProbeRecord.load(rec.save(tmp_path / "r.nc"))
+    cams = three_cameras()[::-1]
+    back.set_meta(cameras=cams)
+    assert same_cameras(back.cameras, cams) and back.ds.sizes["view"] == 3
+
+
+def test_a_record_without_cameras_says_what_scoring_needs(tmp_path):
+    b = RecordBuilder({"threshold": 0.05})
+    b.add_layer("blocks.0.attn", (2, 2), 1, centres(2, 2, 8), (16, 16))
+    b.add("blocks.0.attn", 0, 1.0, 0, [1], torch.zeros(1, 1, 4, dtype=torch.long), torch.ones(1, 1, 4),
+          torch.ones(1, 1, 4, dtype=torch.bool), num_images=2)
+    rec = ProbeRecord(builder=b)
+    assert rec.cameras is None and "camera_K" not in rec.ds
+    with pytest.raises(CorrlabError, match="set_meta"):
+        rec.require_cameras("epipolar scoring")
+    back = ProbeRecord.load(rec.save(tmp_path / "r.nc"))
+    assert back.cameras is None and back.equals(rec)
+    with pytest.raises(CorrlabError, match="cameras"):
+        rec.set_meta(cameras=["not a camera"])
+
+
+def version1_file(rec, path):
+    """What version 1 wrote: no camera variables, the cameras as a JSON attribute."""
+    ds = rec.ds.drop_vars(["camera_K", "camera_R", "camera_t", "camera_model", "view"])
+    ds.attrs = {**ds.attrs, "version": 1, "cameras": json.dumps([c.to_dict() for c in rec.cameras])}
+    ds.to_netcdf(path, engine="h5netcdf")
+    return path
+
+
+def test_version_1_records_still_load(tmp_path):
+    rec, _ = make_record()
+    back = ProbeRecord.load(version1_file(rec, tmp_path / "v1.nc"))
+    assert back.ds.attrs["version"] == 2 and "cameras" not in back.ds.attrs
+    assert same_cameras(back.cameras, three_cameras())  # exact: JSON floats round-trip float64
+    assert back.equals(ProbeRecord.load(rec.save(tmp_path / "v2.nc")))
+
+
+def test_unknown_versions_and_mixed_layouts_are_format_errors(tmp_path):
+    rec, _ = make_record()
+    ds = rec.ds.copy()
+    ds.attrs = {**ds.attrs, "version": 3}
+    ds.to_netcdf(tmp_path / "v3.nc", engine="h5netcdf")
+    with pytest.raises(FormatError, match="version 2.*versions \\[1, 2\\].*got version 3"):
+        ProbeRecord.load(tmp_path / "v3.nc")
+    both = rec.ds.copy()
+    both.attrs = {**both.attrs, "cameras": "[]"}
+    with pytest.raises(FormatError, match="JSON attribute 'cameras'"):
+        ProbeRecord(both)
+    partial = rec.ds.drop_vars(["camera_t"])
+    with pytest.raises(FormatError, match="camera_K"):
+        ProbeRecord(partial)

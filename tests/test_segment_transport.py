@@ -23,7 +23,7 @@ from corrlab.interventions import (
     segment_transport,
     shifted_timesteps,
 )
-from corrlab.interventions.segment_transport import StepPlan, plan_step, segment_alphas, segment_step
+from corrlab.interventions.transport import StepPlan, plan_step, segment_alphas, segment_step
 
 
 # --------------------------------------------------------------------------- a toy analytic field
@@ -266,38 +266,40 @@ def _tiny_pipe():
 
 
 def test_embedded_independent_pair_reproduces_the_pipeline_and_modes_run():
-    from corrlab.interventions.velocity_adapters import generate_pair
+    from corrlab.interventions.pair_generation import SamplingOptions, generate_pair
 
     pipe = _tiny_pipe()
-    kw = dict(num_views=2, num_inference_steps=4, progress=False)
-    r = generate_pair(pipe, "red striped box", "blue dotted sphere", 3, mode="independent", **kw)
-    sa = pipe("red striped box", seed=3, **kw)
-    sb = pipe("blue dotted sphere", seed=3, **kw)
+    sampling = SamplingOptions(num_views=2, num_inference_steps=4)
+    kw = dict(sampling=sampling, progress=False)
+    r = generate_pair(pipe, "red striped box", "blue dotted sphere", 3, transport=SegmentTransportConfig(mode="independent"), **kw)
+    sa = pipe("red striped box", seed=3, progress=False, **sampling.pipeline_kwargs())
+    sb = pipe("blue dotted sphere", seed=3, progress=False, **sampling.pipeline_kwargs())
     torch.testing.assert_close(r.set_a.images, sa.images, atol=1e-5, rtol=0)
     torch.testing.assert_close(r.set_b.images, sb.images, atol=1e-5, rtol=0)
     assert (sa.images - sb.images).abs().max() > 1e-3
     assert [c.K.tolist() for c in r.set_a.cameras] == [c.K.tolist() for c in sa.cameras]
     ends_only = SegmentTransportConfig(mode="full", weight_schedule=FixedWeights((1, 0, 0, 0, 1)), smoothing_schedule=ConstantSmoothing(0.0))
-    r2 = generate_pair(pipe, "red striped box", "blue dotted sphere", 3, config=ends_only, **kw)
+    r2 = generate_pair(pipe, "red striped box", "blue dotted sphere", 3, transport=ends_only, **kw)
     torch.testing.assert_close(r2.set_a.images, sa.images, atol=1e-5, rtol=0)
     torch.testing.assert_close(r2.set_b.images, sb.images, atol=1e-5, rtol=0)
-    full = generate_pair(pipe, "red striped box", "blue dotted sphere", 3, mode="full", sweep=3, **kw)
+    full = generate_pair(pipe, "red striped box", "blue dotted sphere", 3, sweep=3, **kw)
     assert len(full.sweep_sets) == 3 and full.sweep_alphas == pytest.approx([0.0, 0.5, 1.0], abs=1e-12)
     # exact: same computation twice (the alpha = 0 / 1 sweep latents are x_a / x_b bit for bit, see
     # test_alpha_sweep_lies_on_the_final_segment, decoded by the same code)
     assert torch.equal(full.sweep_sets[0].images, full.set_a.images) and torch.equal(full.sweep_sets[2].images, full.set_b.images)
     assert full.set_a.prompt == "red striped box" and full.set_a.meta["segment_transport"]["mode"] == "full"
-    same = generate_pair(pipe, "red striped box", "red striped box", 3, mode="full", **kw)
+    same = generate_pair(pipe, "red striped box", "red striped box", 3, **kw)
     # exact: the prompt encoder embeds each prompt on its own (same computation twice), so the conditions are
     # bit-identical and take the documented path for identical conditions (x_b is a copy of x_a)
     assert torch.equal(same.set_a.images, same.set_b.images)
 
 
 def test_embedded_pair_batching_equals_separate_pairs():
-    from corrlab.interventions.velocity_adapters import generate_pair, generate_pairs
+    from corrlab.interventions.pair_generation import SamplingOptions, generate_pair, generate_pairs
 
     pipe = _tiny_pipe()
-    kw = dict(mode="full", num_views=2, num_inference_steps=3, progress=False)
+    kw = dict(transport=SegmentTransportConfig(mode="full"), sampling=SamplingOptions(num_views=2, num_inference_steps=3),
+              progress=False)
     pairs = [("red striped box", "blue dotted sphere"), ("green checkered cone", "pink striped cylinder")]
     both = generate_pairs(pipe, pairs, [1, 2], **kw)
     for (a, b), seed, res in zip(pairs, [1, 2], both):

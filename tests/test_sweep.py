@@ -31,7 +31,7 @@ SPEC = {
                    "seeds": [0, 1], "views": 2, "num_steps": 2, "guidance": 3.0},
     "probe": {"layers": ["blocks.5.attn"], "heads": "mean"},
     "score": {"thresholds": [2, 5, 10], "controls": ["chance", "identity"]},
-    "interventions": [{"name": "none"}, {"name": "corr_adapter", "eta": 0.5, "radius": 2}],
+    "interventions": [{"name": "none"}, {"name": "corr_adapter", "eta": 0.5, "window_radius": 2}],
 }
 SORT = ["key", "method", "layer", "step", "src", "tgt", "threshold"]
 
@@ -274,6 +274,11 @@ def test_open_pads_items_with_different_view_counts(tmp_path):
     rec = res.record(str(small["item"].values))
     np.testing.assert_array_equal(small["match_row"].isel(src=slice(0, 2), tgt=slice(0, 2)).values,
                                   rec.ds["match_row"].values)
+    # the cameras: each item's own, once, as variables; the missing third view is padding
+    assert rec.cameras is not None and len(rec.cameras) == 2
+    np.testing.assert_array_equal(small["camera_K"].isel(view=slice(0, 2)).values, rec.ds["camera_K"].values)
+    assert np.isnan(small["camera_R"].isel(view=2).values).all()
+    assert small["camera_model"].values.tolist() == ["perspective", "perspective", ""]
 
 
 # ------------------------------------------------------------------------------------------ ray

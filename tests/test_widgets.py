@@ -54,7 +54,6 @@ def generate(pipe, prompt="red box", **kw):
 def probed(pipe):
     with probe(pipe, layers=LAYERS, steps=[0, 2]) as rec, cache_attention(pipe, LAYERS, steps=[0, 2]) as cap:
         mvs = generate(pipe)
-    rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)
     return rec, cap, mvs
 
 
@@ -285,7 +284,7 @@ def test_accuracy_dashboard_messages_and_input_errors():
 
 # ---------------------------------------------------------------------------- intervention panel
 @contextmanager
-def damping_adapter(model, eta, radius, active_steps, refresh_every):
+def damping_adapter(model, eta, window_radius, active_steps, refresh_every):
     """Test double of corr_adapter: blends the last attention output towards 0 by (1 - eta)."""
     handle = model.blocks[-1].attn.register_forward_hook(lambda _m, _i, out: out * eta)
     try:
@@ -349,7 +348,7 @@ def test_panel_toggles_enable_their_parameters(pipe):
     panel.corr_adapter_on.value = True
     panel.segment_on.value = True
     assert not panel.eta.disabled and not panel.k.disabled
-    assert panel.adapter_params() == {"eta": 0.1, "radius": 3, "active_steps": None, "refresh_every": 3}
+    assert panel.adapter_params() == {"eta": 0.1, "window_radius": 3, "active_steps": None, "refresh_every": 3}
 
 
 def test_panel_segment_transport_compares_with_independent_endpoints(pipe):

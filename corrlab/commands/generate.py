@@ -14,36 +14,73 @@ def register(subparsers) -> None:
         "prompt, seed) with the embedded MultiViewDiT. Without --cameras the cameras follow the "
         "renderer's training layout for --seed.",
     )
-    p.add_argument("--prompt", required=True, help='e.g. "red striped box" (words from the scene vocabulary)')
-    p.add_argument("--seed", type=int, default=0, help="noise seed (and camera seed without --cameras)")
-    p.add_argument("--views", type=int, default=4, help="number of views when --cameras is not given")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model), or a "
-                   "diffusers pipeline folder (or cached hub id) of a supported type: WanPipeline, FluxPipeline, "
-                   "StableDiffusionPipeline, MultiViewUNetPipeline")
-    p.add_argument("--cameras", help="cameras.json of a corrlab set: generate under those cameras")
+    add_generation_arguments(p, steps_flag="--steps")
     p.add_argument("--reference", metavar="SET_DIR",
                    help="image-conditioned generation: copy views --reference-views of this corrlab set as clean "
                    "references and generate the others (cameras from --cameras, else from SET_DIR)")
     p.add_argument("--reference-views", type=int, nargs="+", metavar="V",
                    help="indices of the given views (default: 0; needs --reference)")
-    dp = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR)")
-    dp.add_argument("--height", type=int, help="image height (default: the pipeline's)")
-    dp.add_argument("--width", type=int, help="image width (default: the pipeline's)")
-    dp.add_argument("--frames", type=int, help="video frames (WanPipeline; default: the pipeline's)")
-    p.add_argument("--out", required=True, help="output set directory")
-    p.add_argument("--no-progress", action="store_true")
+    add_diffusers_arguments(p)
     ca = p.add_argument_group("CorrAdapter", "training-free native-correspondence aggregation (methods.md section 2)")
     ca.add_argument("--corr-adapter", action="store_true", help="generate with CorrAdapter enabled")
     ca.add_argument("--eta", type=float, help="weight of the original attention output (default 0.1; 1 = off)")
-    ca.add_argument("--radius", type=int, help="aggregation window radius r (default 3)")
+    ca.add_argument("--radius", type=int, help="window radius r of the aggregation (matching.window_radius, default 3)")
     ca.add_argument("--active-steps", type=int, help="adapt only the first K steps (default 10; 0 = every step)")
     ca.add_argument("--refresh", type=int, help="recompute correspondences every N steps (default 5)")
     ca.add_argument("--preset", choices=("syncdreamer", "mvadapter"),
                     help="start from a released integration's exact settings (README: reproducing the released "
                     "settings); the options above override it")
     p.set_defaults(func=run)
+
+
+def add_generation_arguments(p, steps_flag: str) -> None:
+    """The flags of one generation shared by ``generate`` and ``probe``: prompt, seed, views, sampling steps
+    (``steps_flag``: ``--steps`` for generate, ``--num-steps`` for probe, whose ``--steps`` are recorded steps),
+    guidance, model, cameras."""
+    p.add_argument("--prompt", required=True, help='e.g. "red striped box" (words from the scene vocabulary)')
+    p.add_argument("--seed", type=int, default=0, help="noise seed (and camera seed without --cameras)")
+    p.add_argument("--views", type=int, default=4, help="number of views when --cameras is not given (default 4)")
+    p.add_argument(steps_flag, type=int, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    p.add_argument("--model", help="model folder or name under data/ (default: $CORRLAB_MODEL or the shipped model), or a "
+                   "diffusers pipeline folder (or cached hub id) of a supported type: WanPipeline, FluxPipeline, "
+                   "StableDiffusionPipeline, MultiViewUNetPipeline")
+    p.add_argument("--cameras", help="cameras.json of a corrlab set (or its folder): generate under those cameras")
+
+
+def add_diffusers_arguments(p) -> None:
+    """The diffusers-pipeline sizes and the output flags shared by ``generate`` and ``probe``."""
+    dp = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR)")
+    dp.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    dp.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    dp.add_argument("--frames", type=int, help="video frames (WanPipeline; default: the pipeline's)")
+    p.add_argument("--out", required=True, help="output set directory")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def embedded_model_and_cameras(args: argparse.Namespace):
+    """``(pipe, cameras, size)`` for a generation with the embedded model: ``--model`` loaded, ``--cameras``
+    read (None, None without it); the diffusers-only flags are refused."""
+    from ..errors import CorrlabError
+    from ..model import load_default
+
+    for flag in ("height", "width", "frames"):
+        if getattr(args, flag) is not None:
+            raise CorrlabError(f"--{flag}: only for a diffusers pipeline --model, got it with the embedded model")
+    pipe = load_default(args.model)
+    cameras, size = (None, None)
+    if args.cameras:
+        cameras, size = load_cameras(args.cameras, patch_size=pipe.model.config.patch_size)
+    return pipe, cameras, size
+
+
+def sample_embedded(pipe, args: argparse.Namespace, cameras, size, num_steps: int | None, **extra):
+    """One set from the embedded pipeline with the generation flags (``num_steps`` None: the default)."""
+    from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    return pipe(args.prompt, cameras=cameras, num_views=args.views, num_inference_steps=num_steps or DEFAULT_STEPS,
+                guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
+                progress=not args.no_progress, size=size, **extra)
 
 
 def load_cameras(path, patch_size: int | None = None) -> tuple[list, int]:
@@ -79,7 +116,6 @@ def load_cameras(path, patch_size: int | None = None) -> tuple[list, int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CorrlabError
-    from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_default
     from ..sets import save_set
 
     if args.views < 1:
@@ -91,27 +127,11 @@ def run(args: argparse.Namespace) -> int:
             raise CorrlabError("--reference: image-conditioned generation is for corrlab's embedded models, "
                                "got it with a diffusers pipeline --model")
         return run_pipeline_command(args, record=False)
-    for flag in ("height", "width", "frames"):
-        if getattr(args, flag) is not None:
-            raise CorrlabError(f"--{flag}: only for a diffusers pipeline --model, got it with the embedded model")
-    pipe = load_default(args.model)
-    cameras, size = (None, None)
-    if args.cameras:
-        cameras, size = load_cameras(args.cameras, patch_size=pipe.model.config.patch_size)
+    pipe, cameras, size = embedded_model_and_cameras(args)
     reference, cameras, size = load_reference(args, cameras, size)
     adapter = _corr_adapter(args, pipe)
     with adapter if adapter is not None else contextlib.nullcontext():
-        mvs = pipe(
-            args.prompt,
-            cameras=cameras,
-            num_views=args.views,
-            num_inference_steps=args.steps or DEFAULT_STEPS,
-            guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
-            seed=args.seed,
-            progress=not args.no_progress,
-            size=size,
-            **({"reference": reference} if reference else {}),
-        )
+        mvs = sample_embedded(pipe, args, cameras, size, args.steps, **({"reference": reference} if reference else {}))
     if adapter is not None:
         mvs.meta["corr_adapter"] = {**dataclasses.asdict(adapter.config), "layers": adapter.layers,
                                     "preset": getattr(args, "preset", None)}
@@ -160,7 +180,8 @@ def _corr_adapter(args: argparse.Namespace, pipe):
         return None
     from ..interventions import CorrAdapterConfig, CorrAdapterHandle
 
-    params = {k: v for k, v in (("eta", args.eta), ("radius", args.radius), ("refresh_every", args.refresh)) if v is not None}
+    params = {k: v for k, v in (("eta", args.eta), ("window_radius", args.radius), ("refresh_every", args.refresh))
+              if v is not None}
     if args.active_steps is not None:
         params["active_steps"] = None if args.active_steps == 0 else args.active_steps
     if getattr(args, "reference", None):

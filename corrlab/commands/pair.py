@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import CorrlabError
     from ..interventions import LinearDecaySmoothing, MidpointToUniformWeights, SegmentTransportConfig
-    from ..interventions.velocity_adapters import generate_pair
+    from ..interventions.pair_generation import SamplingOptions, generate_pair
     from ..io_utils import atomic_write_text
     from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_default
     from ..sets import save_set
@@ -67,11 +67,9 @@ def run(args: argparse.Namespace) -> int:
         cameras, size = load_cameras(args.cameras, patch_size=pipe.model.config.patch_size)
     steps = args.steps or DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    res = generate_pair(
-        pipe, args.prompt_a, args.prompt_b, args.seed, cameras=cameras, num_views=args.views,
-        num_inference_steps=steps, guidance_scale=guidance, sweep=args.sweep, size=size, config=config,
-        progress=not args.no_progress,
-    )
+    sampling = SamplingOptions(num_views=args.views, num_inference_steps=steps, guidance_scale=guidance, size=size)
+    res = generate_pair(pipe, args.prompt_a, args.prompt_b, args.seed, cameras=cameras, sampling=sampling,
+                        transport=config, sweep=args.sweep, progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_set(res.set_a, out / "a")

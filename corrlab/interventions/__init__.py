@@ -1,10 +1,12 @@
 """Interventions on multi-image flow models: segment transport (and CorrAdapter, added separately).
 
-* :func:`segment_transport`: jointly generate a structurally aligned pair from two conditions by
-  transporting the whole segment between them (ablation modes ``full``, ``anchor-mean``, ``endpoints``,
-  ``hard-cut``, ``independent``); :mod:`.schedules` holds its weight/smoothing/time schedules and
+* :func:`segment_transport` (:mod:`.transport`): jointly generate a structurally aligned pair from two
+  conditions by transporting the whole segment between them (ablation modes ``full``, ``anchor-mean``,
+  ``endpoints``, ``hard-cut``, ``independent``); :mod:`.schedules` holds its weight/smoothing/time schedules,
   :mod:`.velocity_adapters` turns the embedded model and diffusers Flux/Wan transformers into velocity
-  functions (``generate_pair`` for the embedded model).
+  functions, and :mod:`.pair_generation` (``generate_pair``, ``generate_pairs``) runs the whole pair
+  generation with the embedded model.
+* :func:`corr_adapter` (:mod:`.aggregation`): CorrAdapter, windowed aggregation around native correspondences.
 """
 from .schedules import (
     ConstantSmoothing,
@@ -15,7 +17,7 @@ from .schedules import (
     linear_timesteps,
     shifted_timesteps,
 )
-from .segment_transport import (
+from .transport import (
     MODES,
     SegmentResult,
     SegmentTransportConfig,
@@ -25,14 +27,8 @@ from .segment_transport import (
     line_fit_coefficients,
     segment_transport,
 )
-from .velocity_adapters import (
-    FluxVelocity,
-    PairResult,
-    WanVelocity,
-    embedded_velocity_fn,
-    generate_pair,
-    generate_pairs,
-)
+from .velocity_adapters import FluxVelocity, WanVelocity, embedded_velocity_fn
+from .pair_generation import PairResult, SamplingOptions, generate_pair, generate_pairs
 
 __all__ = [
     "MODES",
@@ -45,6 +41,7 @@ __all__ = [
     "segment_transport",
     "FluxVelocity",
     "PairResult",
+    "SamplingOptions",
     "WanVelocity",
     "embedded_velocity_fn",
     "generate_pair",
@@ -59,7 +56,9 @@ __all__ = [
 ]
 
 # CorrAdapter (training-free native-correspondence aggregation, methods.md section 2)
-from .corr_adapter import (  # noqa: E402
+from .aggregation import (  # noqa: E402
+    AggregationOptions,
+    MatchedAttention,
     CorrAdapter,
     CorrAdapterConfig,
     CorrAdapterHandle,
@@ -75,6 +74,8 @@ from .corr_adapter import (  # noqa: E402
 )
 
 __all__ += [
+    "AggregationOptions",
+    "MatchedAttention",
     "CorrAdapter",
     "CorrAdapterConfig",
     "CorrAdapterHandle",

@@ -1,4 +1,4 @@
-"""Velocity functions for :func:`~corrlab.interventions.segment_transport.segment_transport`.
+"""Velocity functions for :func:`~corrlab.interventions.transport.segment_transport`.
 
 A velocity function is ``velocity_fn(x (K, *S), t: float, cond (K, *C)) -> v (K, *S)`` in corrlab's
 rectified-flow convention (``x_t = (1 - t) x_0 + t eps``, ``v = eps - x_0``, ``t = 1`` noise). Each
@@ -8,8 +8,8 @@ stacked in the same call).
 
 * :func:`embedded_velocity_fn`: corrlab's :class:`~corrlab.model.CorrlabPipeline`; ``x`` is a multi-view
   set ``(K, V, 3, H, W)`` in the model's [-1, 1] scale (or ``(K, P, V, 3, H, W)`` for ``P`` pairs at once),
-  ``cond`` the pooled prompt embeddings ``(K, D)`` (``(K, P, D)``). :func:`generate_pair` /
-  :func:`generate_pairs` run the whole pair generation and return :class:`~corrlab.sets.MultiViewSet`.
+  ``cond`` the pooled prompt embeddings ``(K, D)`` (``(K, P, D)``); :mod:`corrlab.interventions.pair_generation`
+  runs the whole pair generation with it.
 * :class:`FluxVelocity`: a diffusers ``FluxTransformer2DModel`` over unpacked latents ``(K, C, H, W)``;
   ``cond = (prompt_embeds (K, L, D_joint), pooled_prompt_embeds (K, D_pooled))``. The transformer gets
   ``timestep = t`` (it multiplies by 1000, as the Flux pipeline's ``timestep / 1000`` undoes), packed 2x2
@@ -19,19 +19,12 @@ stacked in the same call).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
-
 import torch
 
 from ..errors import CorrlabError, ShapeError, ValueRangeError, describe
-from .segment_transport import SegmentResult, SegmentTransportConfig, alpha_sweep, segment_transport
 
 __all__ = [
     "embedded_velocity_fn",
-    "PairResult",
-    "generate_pair",
-    "generate_pairs",
     "pack_latents",
     "unpack_latents",
     "flux_latent_ids",
@@ -86,135 +79,6 @@ def embedded_velocity_fn(pipe, cameras, guidance_scale: float | None = None, siz
         return v.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     return velocity
-
-
-@dataclass
-class PairResult:
-    """A jointly generated pair: ``set_a``, ``set_b`` (:class:`~corrlab.sets.MultiViewSet`), the alpha sweep
-    ``sweep_sets`` at ``sweep_alphas`` (empty without ``sweep``), and the raw :class:`SegmentResult`."""
-
-    set_a: object
-    set_b: object
-    sweep_sets: list = field(default_factory=list)
-    sweep_alphas: list = field(default_factory=list)
-    segment: SegmentResult | None = None
-
-
-def _to_images(x: torch.Tensor) -> torch.Tensor:
-    """Model scale [-1, 1] -> images [0, 1] (as the pipeline decodes)."""
-    return ((x.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-def generate_pairs(
-    pipe,
-    prompt_pairs: Sequence[tuple[str, str]],
-    seeds: Sequence[int],
-    mode: str | None = None,
-    k: int | None = None,
-    cameras=None,
-    num_views: int = 4,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    sweep: int = 0,
-    size: int | None = None,
-    config: SegmentTransportConfig | None = None,
-    progress: bool = True,
-) -> list[PairResult]:
-    """Generate ``P`` aligned pairs in one segment transport (pairs are extra coordinates of the line fit).
-
-    Pair ``j`` uses prompts ``prompt_pairs[j]``, noise ``randn((1, V, 3, S, S), Generator().manual_seed(seeds[j]))``
-    (the pipeline's own noise for that seed) and cameras ``sample_cameras(seeds[j], num_views, S, layout="train")``
-    unless ``cameras`` (one list shared by all pairs, or one list per pair) is given.
-    ``mode`` and ``k`` (when given) override the fields of ``config`` (default
-    :class:`SegmentTransportConfig`: ``full``, ``k = 5``, the default schedules).
-    Results equal ``P`` separate :func:`generate_pair` calls up to batched-matmul rounding.
-    """
-    from ..model.pipeline import DEFAULT_STEPS
-    from ..sets import MultiViewSet
-
-    if not prompt_pairs or len(prompt_pairs) != len(seeds):
-        raise CorrlabError(f"prompt_pairs, seeds: expected equally long non-empty lists, got {len(prompt_pairs)} and {len(seeds)}")
-    for j, pp in enumerate(prompt_pairs):
-        if not (isinstance(pp, (tuple, list)) and len(pp) == 2 and all(isinstance(p, str) for p in pp)):
-            raise CorrlabError(f"prompt_pairs[{j}]: expected a pair of prompt strings, got {describe(pp)}")
-    steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
-    size = size or pipe.sample_size
-    P = len(seeds)
-    if cameras is None:
-        from ..scenes import sample_cameras
-
-        cams = [sample_cameras(int(s), num_views, size, layout="train") for s in seeds]
-    elif cameras and isinstance(cameras[0], (list, tuple)):
-        if len(cameras) != P:
-            raise CorrlabError(f"cameras: expected {P} camera lists (one per pair), got {len(cameras)}")
-        cams = [list(c) for c in cameras]
-    else:
-        cams = [list(cameras)] * P
-    V = len(cams[0])
-    noise = torch.stack(
-        [torch.randn((1, V, 3, size, size), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32)[0] for s in seeds]
-    ).to(pipe.device)  # (P, V, 3, S, S): the sampler runs where the model is
-    emb = pipe.encode_prompt([p for pp in prompt_pairs for p in pp]).detach().float()  # (2P, D)
-    cond_a, cond_b = emb[0::2], emb[1::2]  # (P, D)
-    fn = embedded_velocity_fn(pipe, cams, guidance_scale, size)
-    was_training = pipe.model.training
-    pipe.model.eval()
-    try:
-        res = segment_transport(
-            fn, noise, cond_a, cond_b, pipe.timesteps(steps), config=config, mode=mode, k=k, progress=progress,
-        )
-    finally:
-        pipe.model.train(was_training)
-    from ..model.pipeline import DEFAULT_GUIDANCE
-
-    meta = {
-        "num_inference_steps": steps,
-        "guidance_scale": float(DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale),
-        "generated": True,
-        "segment_transport": {"mode": res.config.mode, "k": res.config.k},
-    }
-    alphas, xs = alpha_sweep(res, sweep) if sweep else (torch.empty(0), None)
-    out = []
-    for j in range(P):
-        a, b = prompt_pairs[j]
-
-        def make(x, prompt, alpha):
-            m = dict(meta, segment_transport=dict(meta["segment_transport"], alpha=alpha, prompt_a=a, prompt_b=b))
-            return MultiViewSet(images=_to_images(x), cameras=cams[j], prompt=prompt, seed=int(seeds[j]), meta=m)
-
-        sweep_sets = [make(xs[i, j], f"{a} | {b} @ alpha={float(al):.3f}", float(al)) for i, al in enumerate(alphas)]
-        out.append(
-            PairResult(make(res.x_a[j], a, 0.0), make(res.x_b[j], b, 1.0), sweep_sets, [float(al) for al in alphas], res)
-        )
-    return out
-
-
-def generate_pair(
-    pipe,
-    prompt_a: str,
-    prompt_b: str,
-    seed: int,
-    mode: str | None = None,
-    k: int | None = None,
-    cameras=None,
-    num_views: int = 4,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    sweep: int = 0,
-    size: int | None = None,
-    config: SegmentTransportConfig | None = None,
-    progress: bool = True,
-) -> PairResult:
-    """One structurally aligned pair of multi-view sets from the embedded model (see :func:`generate_pairs`).
-
-    ``mode="independent"`` reproduces ``pipe(prompt_a, seed=seed)`` and ``pipe(prompt_b, seed=seed)`` (same
-    noise, same cameras) up to batching rounding; ``sweep = M`` adds ``M`` sets along the final segment.
-    """
-    return generate_pairs(
-        pipe, [(prompt_a, prompt_b)], [seed], mode=mode, k=k, cameras=cameras, num_views=num_views,
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sweep=sweep, size=size,
-        config=config, progress=progress,
-    )[0]
 
 
 # --------------------------------------------------------------------------- diffusers: Flux

@@ -9,8 +9,9 @@ inside :meth:`CorrlabPipeline.velocity` as one batched model call. Images are [0
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -48,6 +49,18 @@ class CorrlabPipeline:
             raise CorrlabError(f"model: expected a corrlab MultiViewDiT or MultiViewUNet, got {describe(model)}")
         self.model = model
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
+        self._output_observers: list = []
+
+    @contextmanager
+    def observe_outputs(self, fn) -> Iterator[None]:
+        """Inside the ``with``, ``fn(result)`` sees what every :meth:`__call__` returns (a ``MultiViewSet`` or a
+        list of them) before the caller does; removed on exit, also on exceptions. The probe records the
+        generated set's prompt, seed and cameras this way."""
+        self._output_observers.append(fn)
+        try:
+            yield
+        finally:
+            self._output_observers.remove(fn)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -234,7 +247,10 @@ class CorrlabPipeline:
         meta = {"num_inference_steps": num_inference_steps, "guidance_scale": float(guidance_scale), "generated": True}
         if given is not None:
             meta["given_views"] = [int(v) for v in torch.nonzero(given).flatten()]
-        return self._sets(images, cameras, prompts, seed, meta, single)
+        result = self._sets(images, cameras, prompts, seed, meta, single)
+        for fn in tuple(self._output_observers):
+            fn(result)
+        return result
 
     def _reference_views(self, reference, views: int, size: int):
         """Validate ``reference`` -> ``(given (V,) bool, images (V, 3, S, S))`` or ``(None, None)``."""

@@ -4,14 +4,13 @@
 >>> corrlab.probe.layers(pipe)                                   # doctest: +SKIP
 >>> with corrlab.probe(pipe, layers=["blocks.7.attn"]) as rec:    # doctest: +SKIP
 ...     mvs = pipe("red striped box", seed=0)
->>> rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)   # doctest: +SKIP
->>> score_record(rec)                                             # doctest: +SKIP
+>>> score_record(rec)      # the set's cameras were recorded by the probe   # doctest: +SKIP
 """
 from .custom import ProjectionSpec, register_attention_module, register_family, unregister_attention_module, unregister_family
 from .controls import CONTROLS, appearance_matches, chance_matches, control_matches, identity_matches
-from .matcher import MATCHING_DEFAULTS, HistoryMax, TokenMatches, match_layout, match_tokens, match_views
+from .matcher import DEFAULT_CHUNK_SIZE, HistoryMax, MatchingOptions, TokenMatches, match_layout, match_tokens, match_views
 from .row_attention import RowWiseMultiViewAttnProcessor, row_wise_attention_processors
-from .probe import ProbeRecorder, probe
+from .recording import ProbeRecorder, probe
 from .record import ProbeRecord, RecordBuilder
 from .scoring import (
     DEFAULT_THRESHOLDS,
@@ -34,7 +33,8 @@ __all__ = [
     "ProbeRecord",
     "RecordBuilder",
     "TokenMatches",
-    "MATCHING_DEFAULTS",
+    "MatchingOptions",
+    "DEFAULT_CHUNK_SIZE",
     "match_tokens",
     "match_views",
     "match_layout",

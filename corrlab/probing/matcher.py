@@ -30,6 +30,7 @@ the mutual check's column argmax are accumulated block by block.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -42,13 +43,13 @@ from ..errors import CorrlabError, ShapeError, ValueRangeError, check_choice, de
 
 __all__ = [
     "TokenMatches",
-    "MATCHING_DEFAULTS",
+    "MatchingOptions",
+    "DEFAULT_CHUNK_SIZE",
     "match_tokens",
     "match_views",
     "match_layout",
     "similarity_map",
     "window_offsets",
-    "check_matching_options",
     "HistoryMax",
     "Workspace",
 ]
@@ -57,17 +58,86 @@ Similarity = Literal["softmax", "dual_softmax"]
 HeadMode = Literal["per_head", "mean"]
 ConfidenceMode = Literal["global", "window"]
 
-#: Default matching options (the paper's: plain softmax, per head, global max probability >= 0.05).
-MATCHING_DEFAULTS: dict = {
-    "similarity": "softmax",
-    "heads": "per_head",
-    "confidence": "global",
-    "threshold": 0.05,
-    "window_radius": 3,
-    "mutual": False,
-    "chunk_size": 256,
-    "strict": False,
-}
+#: Source tokens per block of the matcher (a memory bound, not a matching option: results do not depend on it).
+DEFAULT_CHUNK_SIZE = 256
+
+
+@dataclass(frozen=True)
+class MatchingOptions:
+    """How native correspondences are read from a layer's q and k: the one definition of the defaults.
+
+    The defaults are the paper's: plain softmax over the target keys, one match per head, the global max
+    probability as confidence, kept at ``>= 0.05``. Validated on construction (a :class:`CorrlabError`
+    naming the field, the value received and what was expected); frozen, so one object can be shared
+    by a probe, a CorrAdapter and a sweep. ``dataclasses.replace(options, threshold=0.2)`` derives another.
+
+    Attributes:
+        similarity: ``"softmax"`` or ``"dual_softmax"`` (see the module docstring).
+        heads: ``"per_head"`` or ``"mean"``.
+        confidence: ``"global"`` or ``"window"``.
+        threshold: keep a match when ``confidence >= threshold`` (``>`` with ``strict``); in [0, 1].
+        window_radius: ``r`` of the ``(2r+1)^2`` window of ``confidence="window"`` (CorrAdapter: also its
+            aggregation window).
+        mutual: also require the target token's best source to be this token.
+        strict: keep only ``confidence > threshold`` (MVAdapter release) instead of ``>=``.
+        history: None, or match with the element-wise max of q and k over the last ``history`` calls of
+            each layer (:class:`HistoryMax`; SyncDreamer release: 11).
+    """
+
+    similarity: Similarity = "softmax"
+    heads: HeadMode = "per_head"
+    confidence: ConfidenceMode = "global"
+    threshold: float = 0.05
+    window_radius: int = 3
+    mutual: bool = False
+    strict: bool = False
+    history: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("similarity", self.similarity, ("softmax", "dual_softmax"))
+        check_choice("heads", self.heads, ("per_head", "mean"))
+        check_choice("confidence", self.confidence, ("global", "window"))
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+            raise ValueRangeError(f"threshold: expected a probability in [0, 1], got {t!r}")
+        object.__setattr__(self, "threshold", float(t))
+        r = self.window_radius
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueRangeError(f"window_radius: expected a non-negative int, got {r!r}")
+        if not isinstance(self.mutual, bool):
+            raise CorrlabError(f"mutual: expected a bool, got {self.mutual!r}")
+        if not isinstance(self.strict, bool):
+            raise CorrlabError(f"strict: expected a bool (keep confidence > threshold instead of >=), got {self.strict!r}")
+        h = self.history
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise ValueRangeError(f"history: expected None or a positive int (calls kept per layer), got {h!r}")
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """The option names, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def build(cls, base: "MatchingOptions | None" = None, **options) -> "MatchingOptions":
+        """``base`` (default: the defaults) with the keyword ``options`` replaced; unknown names raise.
+
+        The one path from keyword arguments (``probe(pipe, threshold=0.2)``, a sweep spec's ``[probe]``
+        table, CLI flags) to options.
+        """
+        if base is not None and not isinstance(base, cls):
+            raise CorrlabError(f"matching: expected None or a MatchingOptions, got {describe(base)}")
+        unknown = sorted(set(options) - set(cls.fields()))
+        if unknown:
+            raise CorrlabError(f"matching: unknown options {unknown}; expected some of {list(cls.fields())}")
+        return dataclasses.replace(base, **options) if base is not None else cls(**options)
+
+    def as_dict(self) -> dict:
+        """The options as a plain dict (the form stored in records and sweep items)."""
+        return dataclasses.asdict(self)
+
+    def matcher_kwargs(self) -> dict:
+        """Keyword arguments of :func:`match_views` / :func:`match_layout` (``history`` is applied by the caller)."""
+        return {k: v for k, v in self.as_dict().items() if k != "history"}
 
 
 @dataclass(frozen=True)
@@ -85,42 +155,6 @@ class TokenMatches:
     index: torch.Tensor
     confidence: torch.Tensor
     kept: torch.Tensor
-
-
-def check_matching_options(
-    similarity: str = "softmax",
-    heads: str = "per_head",
-    confidence: str = "global",
-    threshold: float = 0.05,
-    window_radius: int = 3,
-    mutual: bool = False,
-    chunk_size: int = 256,
-    strict: bool = False,
-) -> dict:
-    """Validate matching options; returns them as a plain dict (the form stored in records)."""
-    if not isinstance(strict, bool):
-        raise CorrlabError(f"strict: expected a bool (keep confidence > threshold instead of >=), got {strict!r}")
-    check_choice("similarity", similarity, ("softmax", "dual_softmax"))
-    check_choice("heads", heads, ("per_head", "mean"))
-    check_choice("confidence", confidence, ("global", "window"))
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
-        raise ValueRangeError(f"threshold: expected a probability in [0, 1], got {threshold!r}")
-    if isinstance(window_radius, bool) or not isinstance(window_radius, int) or window_radius < 0:
-        raise ValueRangeError(f"window_radius: expected a non-negative int, got {window_radius!r}")
-    if not isinstance(mutual, bool):
-        raise CorrlabError(f"mutual: expected a bool, got {mutual!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueRangeError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    return {
-        "similarity": similarity,
-        "heads": heads,
-        "confidence": confidence,
-        "threshold": float(threshold),
-        "window_radius": int(window_radius),
-        "mutual": bool(mutual),
-        "chunk_size": int(chunk_size),
-        "strict": bool(strict),
-    }
 
 
 def max_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,14 +296,14 @@ def match_views(
     grid_tgt: tuple[int, int],
     *,
     scale: float,
-    similarity: Similarity = "softmax",
-    heads: HeadMode = "per_head",
-    confidence: ConfidenceMode = "global",
-    threshold: float = 0.05,
-    window_radius: int = 3,
-    mutual: bool = False,
-    chunk_size: int = 256,
-    strict: bool = False,
+    similarity: Similarity = MatchingOptions.similarity,
+    heads: HeadMode = MatchingOptions.heads,
+    confidence: ConfidenceMode = MatchingOptions.confidence,
+    threshold: float = MatchingOptions.threshold,
+    window_radius: int = MatchingOptions.window_radius,
+    mutual: bool = MatchingOptions.mutual,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    strict: bool = MatchingOptions.strict,
     workspace: "Workspace | None" = None,
 ) -> TokenMatches:
     """Match one source image's tokens against several target images at once (same layer, same grid).
@@ -279,14 +313,17 @@ def match_views(
         k_tgt: ``(heads, T, Nt, d)`` keys of T target images, each on the grid ``grid_tgt``.
         grid_tgt: ``(h, w)`` target token grid, ``h * w = Nt``.
         scale: the layer's attention scale (usually ``1 / sqrt(d)``).
-        similarity, heads, confidence, threshold, window_radius, mutual, chunk_size: see the module docstring.
+        similarity, heads, confidence, threshold, window_radius, mutual, strict: see :class:`MatchingOptions`
+            (defaults there); chunk_size: source tokens per block (memory bound).
         workspace: scratch buffers to reuse across calls (a probe keeps one: allocating a fresh block
             buffer per call costs more than the arithmetic on the CPU); None = fresh ones.
 
     Returns:
         :class:`TokenMatches` with fields of shape ``(H', T, Ns)``.
     """
-    opts = check_matching_options(similarity, heads, confidence, threshold, window_radius, mutual, chunk_size, strict)
+    opts = MatchingOptions(similarity, heads, confidence, threshold, window_radius, mutual, strict)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueRangeError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     h, w = _check_qk(q_src, k_tgt, grid_tgt, scale)
     n_src = q_src.shape[1]
     n_tgt_views, n_tgt = k_tgt.shape[1], k_tgt.shape[2]
@@ -350,7 +387,7 @@ def match_views(
             col_best = torch.where(better, blk_best, col_best)
             col_arg = torch.where(better, blk_arg + start, col_arg)
     # decided in the compute dtype (float64 inputs: against the float64 threshold), stored as float32
-    threshold_t = torch.tensor(opts["threshold"], dtype=dtype, device=device)
+    threshold_t = torch.tensor(opts.threshold, dtype=dtype, device=device)
     kept = conf > threshold_t if strict else conf >= threshold_t
     if mutual:
         back = col_arg.gather(-1, index)
@@ -411,44 +448,29 @@ def match_layout(
     )
 
 
-def match_tokens(
-    q_src: torch.Tensor,
-    k_tgt: torch.Tensor,
-    grid_tgt: tuple[int, int],
-    *,
-    scale: float,
-    similarity: Similarity = "softmax",
-    heads: HeadMode = "per_head",
-    confidence: ConfidenceMode = "global",
-    threshold: float = 0.05,
-    window_radius: int = 3,
-    mutual: bool = False,
-    chunk_size: int = 256,
-) -> TokenMatches:
-    """Match every source token of one image to a token of one other image.
+def match_tokens(q_src: torch.Tensor, k_tgt: torch.Tensor, grid_tgt: tuple[int, int], *, scale: float,
+                 **options) -> TokenMatches:
+    """Match every source token of one image to a token of one other image (:func:`match_views` with one target).
 
     Args:
         q_src: ``(heads, Ns, d)`` the layer's queries of the source image's tokens.
         k_tgt: ``(heads, Nt, d)`` the layer's keys of the target image's tokens.
         grid_tgt: ``(h, w)`` the target token grid, ``h * w = Nt`` (row-major).
         scale: the layer's attention scale (``1 / sqrt(d)`` unless the layer says otherwise).
-        similarity: ``"softmax"`` (default) or ``"dual_softmax"``.
-        heads: ``"per_head"`` (default) or ``"mean"`` (head-averaged similarity).
-        confidence: ``"global"`` (default, max probability) or ``"window"`` (centre of a local softmax).
-        threshold: keep a match when its confidence is ``>= threshold`` (default 0.05).
-        window_radius: ``r`` of the ``(2r+1)^2`` window for ``confidence="window"`` (default 3).
-        mutual: also require the target token's best source to be this token (default False).
-        chunk_size: source tokens per block; at most ``H' x chunk_size x Nt`` similarities exist at once.
+        **options: keyword options of :func:`match_views`: the :class:`MatchingOptions` fields but ``history``
+            (defaults there) and ``chunk_size`` (source tokens per block; at most ``H' x chunk_size x Nt``
+            similarities exist at once).
 
     Returns:
         :class:`TokenMatches` with ``index``, ``confidence``, ``kept`` of shape ``(H', Ns)``.
     """
     if not isinstance(k_tgt, torch.Tensor) or k_tgt.ndim != 3:
         raise ShapeError(f"k_tgt: expected a tensor of shape (heads, Nt, d), got {describe(k_tgt)}")
-    m = match_views(
-        q_src, k_tgt[:, None], grid_tgt, scale=scale, similarity=similarity, heads=heads, confidence=confidence,
-        threshold=threshold, window_radius=window_radius, mutual=mutual, chunk_size=chunk_size,
-    )
+    allowed = set(MatchingOptions.fields()) - {"history"} | {"chunk_size"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise CorrlabError(f"options: unknown matching options {unknown}; expected some of {sorted(allowed)}")
+    m = match_views(q_src, k_tgt[:, None], grid_tgt, scale=scale, **options)
     return TokenMatches(index=m.index[:, 0], confidence=m.confidence[:, 0], kept=m.kept[:, 0])
 
 

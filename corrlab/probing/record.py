@@ -1,6 +1,6 @@
 """Probe records: native correspondences as one labelled ``xarray.Dataset``, saved to one netCDF file.
 
-Layout of ``ProbeRecord.ds`` (format ``corrlab.probe_record``, version 1):
+Layout of ``ProbeRecord.ds`` (format ``corrlab.probe_record``, version 2):
 
 * dims ``(layer, step, src, tgt, head, row, col)``; ``row``/``col`` index the SOURCE token grid of each
   layer. Layers may differ in grid and in the number of matched heads ``H'``: ``row``, ``col``, ``head``
@@ -13,9 +13,16 @@ Layout of ``ProbeRecord.ds`` (format ``corrlab.probe_record``, version 1):
   none), ``confidence`` (float32, NaN where none), ``kept`` (bool, False where none). "None" means:
   ``src == tgt``, padding, or a (layer, step) that was not recorded.
 * ``src_x``, ``src_y`` (float64 on ``(layer, row, col)``): pixel centres of the source tokens.
+* when known, the generation's cameras, one per image (the set's cameras, stored once, as data):
+  ``camera_K``, ``camera_R`` (float64 on ``(view, mat_row, mat_col)``, 3 x 3), ``camera_t`` (float64 on
+  ``(view, mat_row)``), ``camera_model`` (str on ``(view,)``: ``perspective`` / ``orthographic``), the
+  fields of :class:`corrlab.geometry.Camera` (``x_cam = R x_world + t``) exactly; coord ``view`` (0..V-1).
 * attrs: ``format``, ``version``, ``matching`` (JSON of the matching options), ``image_height``,
-  ``image_width``, ``batch_index`` (the int asked for, or ``"auto"``), and when known ``prompt``, ``seed``, ``cameras`` (JSON list of
-  ``Camera.to_dict()``), ``model``.
+  ``image_width``, ``batch_index`` (the int asked for, or ``"auto"``), and when known ``prompt``, ``seed``,
+  ``model``.
+
+Version 1 records (cameras as a JSON attribute ``cameras``) still load: :meth:`ProbeRecord.load` moves the
+cameras into the variables above (JSON floats round-trip float64 exactly) and says version 2.
 
 Pixels follow corrlab's convention (centre of the top-left pixel at (0, 0)).
 """
@@ -23,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,10 +41,13 @@ import xarray as xr
 
 from ..errors import CorrlabError, FormatError, ShapeError, describe
 
-__all__ = ["ProbeRecord", "RecordBuilder", "RECORD_FORMAT", "RECORD_VERSION", "MATCH_VARIABLES"]
+__all__ = ["ProbeRecord", "RecordBuilder", "RECORD_FORMAT", "RECORD_VERSION", "MATCH_VARIABLES", "CAMERA_VARIABLES"]
 
 RECORD_FORMAT = "corrlab.probe_record"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+#: Earlier versions :meth:`ProbeRecord.load` still reads (converted on load).
+READABLE_VERSIONS = (1, 2)
+CAMERA_VARIABLES = ("camera_K", "camera_R", "camera_t", "camera_model")
 DIMS = ("layer", "step", "src", "tgt", "head", "row", "col")
 MATCH_VARIABLES = ("match_row", "match_col", "match_x", "match_y", "confidence", "kept")
 _OPTIONAL_ATTRS = ("prompt", "seed", "model")
@@ -197,6 +206,7 @@ class ProbeRecord:
             raise CorrlabError("ProbeRecord: expected exactly one of ds or builder")
         self._builder = builder
         self._attrs: dict[str, Any] = {}
+        self._camera_vars: dict[str, Any] = {}
         self._ds = None
         self._built_version = -1
         if ds is not None:
@@ -208,12 +218,16 @@ class ProbeRecord:
     def ds(self) -> xr.Dataset:
         b = self._builder
         if b is not None and b.version != self._built_version:
-            self._ds = b.build(self._attrs)
+            self._ds = b.build(self._attrs).assign(self._camera_vars)
             self._built_version = b.version
         return self._ds
 
     def set_meta(self, prompt: str | None = None, seed: int | None = None, cameras=None, model: str | None = None) -> None:
-        """Attach what the probe cannot see: the prompt, seed, cameras (list of ``Camera``) and model name."""
+        """Attach what the probe cannot see: the prompt, seed, cameras (list of ``Camera``) and model name.
+
+        A probe of a ``CorrlabPipeline`` records the generated set's prompt, seed and cameras itself; this is
+        for bare models and diffusers pipelines (whose outputs carry no cameras), and for the model name.
+        """
         new: dict[str, Any] = {}
         if prompt is not None:
             new["prompt"] = str(prompt)
@@ -221,13 +235,17 @@ class ProbeRecord:
             new["seed"] = int(seed)
         if model is not None:
             new["model"] = str(model)
-        if cameras is not None:
-            new["cameras"] = json.dumps([c.to_dict() for c in cameras])
+        cams = None if cameras is None else camera_variables(cameras)
         if self._builder is not None:
             self._attrs.update(new)
+            if cams is not None:
+                self._camera_vars = cams
             self._built_version = -1
         else:
-            self._ds = self._ds.assign_attrs(new)
+            ds = self._ds.assign_attrs(new)
+            if cams is not None:
+                ds = ds.drop_vars([v for v in (*CAMERA_VARIABLES, "view") if v in ds.variables]).assign(cams)
+            self._ds = ds
 
     @property
     def nbytes(self) -> int:
@@ -268,10 +286,17 @@ class ProbeRecord:
     @property
     def cameras(self):
         """The generation's cameras (list of :class:`corrlab.geometry.Camera`), or None if unknown."""
-        from ..geometry import Camera
+        return cameras_from_dataset(self.ds)
 
-        c = self.ds.attrs.get("cameras")
-        return None if c is None else [Camera.from_dict(d) for d in json.loads(c)]
+    def require_cameras(self, what: str = "scoring") -> list:
+        """:attr:`cameras`, or a :class:`CorrlabError` saying that ``what`` needs them and how to attach them."""
+        cams = self.cameras
+        if cams is None:
+            raise CorrlabError(
+                f"cameras: {what} needs the generation's cameras and the record holds none (a probe of a CorrlabPipeline "
+                "records them; for other models call rec.set_meta(cameras=...) or pass cameras=...)"
+            )
+        return cams
 
     def grid(self, layer: str) -> tuple[int, int]:
         """Token grid ``(h, w)`` of a recorded layer."""
@@ -312,20 +337,11 @@ class ProbeRecord:
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
         """Write the record to one netCDF file (h5netcdf engine, gzip), atomically. Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..io_utils import atomic_write
+
         ds = self.ds
-        encoding = {name: {"zlib": True, "complevel": 4} for name in ds.data_vars}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        encoding = {name: {"zlib": True, "complevel": 4} for name in ds.data_vars if ds[name].dtype.kind not in "OUS"}
+        return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ProbeRecord":
@@ -341,6 +357,7 @@ class ProbeRecord:
                 f"path: expected a corrlab probe record (netCDF/HDF5), got an unreadable file {str(path)!r} "
                 f"({type(e).__name__}: {e})"
             ) from None
+        ds = _upgrade(ds, f"path {str(path)!r}")
         _validate(ds, f"path {str(path)!r}")
         return cls(ds)
 
@@ -357,7 +374,14 @@ def _validate(ds: Any, what: str) -> None:
         raise FormatError(f"{what}: expected a dataset with attribute format={RECORD_FORMAT!r}, got format={fmt!r}")
     version = ds.attrs.get("version")
     if version is None or int(version) != RECORD_VERSION:
-        raise FormatError(f"{what}: expected {RECORD_FORMAT} version {RECORD_VERSION}, got version {version!r}")
+        raise FormatError(f"{what}: expected {RECORD_FORMAT} version {RECORD_VERSION} (load() also reads versions "
+                          f"{list(READABLE_VERSIONS)}), got version {version}")
+    if "cameras" in ds.attrs:
+        raise FormatError(f"{what}: expected the cameras as variables {list(CAMERA_VARIABLES)} (version "
+                          f"{RECORD_VERSION}), got a JSON attribute 'cameras' (version 1 layout)")
+    present = [v for v in CAMERA_VARIABLES if v in ds.variables]
+    if present and len(present) != len(CAMERA_VARIABLES):
+        raise FormatError(f"{what}: expected all of {list(CAMERA_VARIABLES)} or none, got {present}")
     missing = [v for v in (*MATCH_VARIABLES, "src_x", "src_y") if v not in ds.variables]
     missing += [c for c in ("timestep", "grid_rows", "grid_cols", "num_heads") if c not in ds.coords]
     if missing:
@@ -365,3 +389,58 @@ def _validate(ds: Any, what: str) -> None:
     for v in MATCH_VARIABLES:
         if tuple(ds[v].dims) != DIMS:
             raise FormatError(f"{what}: expected {v} on dims {DIMS}, got {tuple(ds[v].dims)}")
+
+
+def camera_variables(cameras) -> dict[str, Any]:
+    """The record's camera variables (see the module docstring) of a list of :class:`~corrlab.geometry.Camera`,
+    with the ``view`` coordinate (0..V-1, so records with different view counts align)."""
+    from ..geometry import Camera
+
+    cams = list(cameras) if isinstance(cameras, (list, tuple)) else None
+    if not cams or not all(isinstance(c, Camera) for c in cams):
+        raise CorrlabError(f"cameras: expected a non-empty list of corrlab.geometry.Camera, got {describe(cameras)}")
+    return {
+        "camera_K": (("view", "mat_row", "mat_col"), np.stack([c.K.numpy() for c in cams]).astype(np.float64)),
+        "camera_R": (("view", "mat_row", "mat_col"), np.stack([c.R.numpy() for c in cams]).astype(np.float64)),
+        "camera_t": (("view", "mat_row"), np.stack([c.t.numpy() for c in cams]).astype(np.float64)),
+        "camera_model": (("view",), np.array([c.model for c in cams], dtype=str)),
+        "view": np.arange(len(cams), dtype=np.int64),
+    }
+
+
+def cameras_from_dataset(ds: xr.Dataset):
+    """The cameras stored in a record's Dataset (list of :class:`~corrlab.geometry.Camera`), or None."""
+    from ..geometry import Camera
+
+    if "camera_K" not in ds.variables:
+        return None
+    K, R, t = (np.asarray(ds[v].values, dtype=np.float64) for v in ("camera_K", "camera_R", "camera_t"))
+    models = [str(m) for m in np.asarray(ds["camera_model"].values).reshape(-1)]
+    return [Camera(K=torch.from_numpy(K[i].copy()), R=torch.from_numpy(R[i].copy()), t=torch.from_numpy(t[i].copy()),
+                   model=models[i]) for i in range(len(models))]
+
+
+def _upgrade(ds: xr.Dataset, what: str) -> xr.Dataset:
+    """A version 1 record in the version 2 layout: its ``cameras`` JSON attribute becomes the camera variables."""
+    if ds.attrs.get("format") != RECORD_FORMAT or ds.attrs.get("version") is None:
+        return ds  # _validate names what is wrong
+    try:
+        version = int(ds.attrs["version"])
+    except (TypeError, ValueError):
+        return ds
+    if version != 1:
+        return ds
+    from ..geometry import Camera
+
+    attrs = dict(ds.attrs)
+    text = attrs.pop("cameras", None)
+    attrs["version"] = RECORD_VERSION
+    ds = ds.copy()
+    ds.attrs = attrs
+    if text is None:
+        return ds
+    try:
+        cams = [Camera.from_dict(d) for d in json.loads(text)]
+    except (ValueError, TypeError, CorrlabError) as e:
+        raise FormatError(f"{what}: a version 1 record whose 'cameras' attribute is not a JSON list of cameras ({e})") from None
+    return ds.assign(camera_variables(cams))

@@ -487,7 +487,7 @@ def probe_rendered(
     Needs a :class:`corrlab.model.CorrlabPipeline` (or anything with its ``velocity``, ``encode_prompt``
     and ``ray_embeds``).
     """
-    from .probe import probe
+    from .recording import probe
 
     mvset = _as_set(mvset)
     if not all(hasattr(pipe, a) for a in ("velocity", "encode_prompt", "ray_embeds")):

@@ -14,7 +14,8 @@ from .store import SweepStore
 
 __all__ = ["open_sweep", "SweepResult"]
 
-_FILL = {"match_row": -1, "match_col": -1, "kept": False, "grid_rows": -1, "grid_cols": -1, "num_heads": 0}
+_FILL = {"match_row": -1, "match_col": -1, "kept": False, "grid_rows": -1, "grid_cols": -1, "num_heads": 0,
+         "camera_model": ""}
 
 
 def _label_array(values: list):
@@ -40,7 +41,8 @@ class SweepResult:
         ds: (lazy, built on first access) one ``xarray.Dataset`` over all items: the probe records'
             variables with a leading ``item`` dim (dask arrays, one chunk per item), padded to the largest
             grid / view count (``match_row``/``match_col`` -1, ``kept`` False, floats NaN), the labels as
-            ``item`` coords, per-item ``timestep(item, step)`` and ``cameras(item)`` (JSON).
+            ``item`` coords, per-item ``timestep(item, step)`` and the cameras ``camera_K``, ``camera_R``
+            ``(item, view, 3, 3)``, ``camera_t`` ``(item, view, 3)``, ``camera_model`` ``(item, view)`` (``""`` padding).
         scores: tidy score table, one row per (item, method, layer, step, src, tgt, threshold), with the
             item's labels as columns (see :func:`corrlab.sweeps.worker.score_item`).
     """
@@ -102,10 +104,9 @@ class SweepResult:
         parts = []
         for k in self.keys:
             d = xr.open_dataset(self.item_dir(k) / "record.nc", engine="h5netcdf", chunks={})
-            cameras = d.attrs.get("cameras", "")
             d = d.reset_coords([c for c in ("timestep", "grid_rows", "grid_cols", "num_heads") if c in d.coords])
             d.attrs = {a: d.attrs[a] for a in ("format", "version", "matching", "batch_index") if a in d.attrs}
-            parts.append(d.expand_dims(item=[k]).assign_coords(cameras=("item", [cameras])))
+            parts.append(d.expand_dims(item=[k]))
         fill = {name: _FILL.get(name, np.nan) for name in parts[0].data_vars}
         ds = xr.concat(parts, dim="item", join="outer", data_vars="all", coords="different", compat="equals",
                        fill_value=fill, combine_attrs="drop_conflicts")

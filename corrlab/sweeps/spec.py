@@ -16,8 +16,8 @@ Why TOML: ``tomllib`` is in the standard library (3.11; ``tomli`` on 3.10), its 
     [probe]                       # one probe per generation (not an axis)
     layers = ["blocks.5.attn"]    # default: every multi-image layer
     steps  = [0, 3]               # default: every step
-    heads  = "mean"               # + similarity, confidence, threshold, window_radius, mutual,
-                                  #   chunk_size, history, batch_index
+    heads  = "mean"               # + the other MatchingOptions fields (similarity, confidence, threshold,
+                                  #   window_radius, mutual, strict, history), chunk_size, batch_index
 
     [score]                       # not an axis
     thresholds = [1, 2, 5, 10]
@@ -29,7 +29,8 @@ Why TOML: ``tomllib`` is in the standard library (3.11; ``tomli`` on 3.10), its 
     [[interventions]]             # optional; default one entry name = "none"
     name = "none"
     [[interventions]]
-    name = "corr_adapter"         # CorrAdapterConfig fields; lists are grids
+    name = "corr_adapter"         # CorrAdapterConfig.build keywords (its fields and the MatchingOptions
+                                  #   fields); lists are grids
     eta = [0.1, 0.5]
 
 Items = (product of the generation axes) x (sum over interventions of the product of their lists).
@@ -57,7 +58,7 @@ ITEM_FORMAT_VERSION = 1
 _SECTIONS = ("generation", "probe", "score", "interventions")
 _GENERATION_KEYS = ("models", "prompts", "seeds", "views", "layouts", "cameras", "num_steps", "guidance")
 _PROBE_KEYS = ("layers", "steps", "similarity", "heads", "confidence", "threshold", "window_radius", "mutual",
-               "chunk_size", "history", "batch_index")
+               "strict", "chunk_size", "history", "batch_index")
 _SCORE_KEYS = ("thresholds", "kind", "kept_only", "controls", "baselines")
 INTERVENTIONS = ("none", "corr_adapter")
 
@@ -298,26 +299,25 @@ def _cameras(f: str, base: Path) -> dict:
 
 
 def _probe(t: dict) -> dict:
-    from ..probing.matcher import MATCHING_DEFAULTS, check_matching_options
+    from ..probing.matcher import DEFAULT_CHUNK_SIZE, MatchingOptions
 
-    matching = {k: t[k] for k in MATCHING_DEFAULTS if k in t}
     try:
-        options = check_matching_options(**{**MATCHING_DEFAULTS, **matching})
+        options = MatchingOptions.build(**{k: t[k] for k in MatchingOptions.fields() if k in t})
     except CorrlabError as e:
         raise SpecError(f"sweep spec: probe.{e}") from None
+    chunk_size = t.get("chunk_size", DEFAULT_CHUNK_SIZE)
+    if _int(1)(chunk_size) is None:
+        raise _err("probe.chunk_size", "a positive int (source tokens per matcher block)", chunk_size)
     layers = t.get("layers")
     if layers is not None:
         layers = _axis(t, "probe", "layers", _str, "layer names (see corrlab.probe.layers(pipe))")
     steps = t.get("steps")
     if steps is not None:
         steps = sorted(_axis(t, "probe", "steps", _int(0), "step indices >= 0"))
-    history = t.get("history")
-    if history is not None and _int(1)(history) is None:
-        raise _err("probe.history", "a positive int (calls kept per layer)", history)
     b = t.get("batch_index")
     if b is not None and (isinstance(b, bool) or not isinstance(b, int)):
         raise _err("probe.batch_index", "an int", b)
-    return {"layers": layers, "steps": steps, "history": history, "batch_index": b, **options}
+    return {"layers": layers, "steps": steps, "batch_index": b, "chunk_size": chunk_size, **options.as_dict()}
 
 
 def _score(t: dict) -> dict:
@@ -343,13 +343,17 @@ def _score(t: dict) -> dict:
 
 
 def _interventions(v: Any) -> list[dict]:
-    from ..interventions.corr_adapter import CorrAdapterConfig
+    from ..interventions.aggregation import CorrAdapterConfig
 
     if isinstance(v, dict):
         v = [v]
     if not isinstance(v, list) or not v:
         raise _err("interventions", "a non-empty list of tables with a 'name'", v)
-    fields = [f for f in CorrAdapterConfig.__dataclass_fields__ if f not in ("layers",)] + ["layers"]
+    from ..probing.matcher import MatchingOptions
+
+    # keyword form of CorrAdapterConfig.build: its fields (matching as the MatchingOptions fields)
+    fields = ([f for f in CorrAdapterConfig.__dataclass_fields__ if f not in ("layers", "matching")]
+              + list(MatchingOptions.fields()) + ["layers"])
     out = []
     for i, iv in enumerate(v):
         key = f"interventions[{i}]"
@@ -376,7 +380,7 @@ def _interventions(v: Any) -> list[dict]:
             grid[k] = list(dict.fromkeys(values))
         for combo in itertools.product(*grid.values()):  # validate every grid point now
             try:
-                CorrAdapterConfig(**dict(zip(grid, combo)))
+                CorrAdapterConfig.build(**dict(zip(grid, combo)))
             except CorrlabError as e:
                 raise SpecError(f"sweep spec: {key}.{e}") from None
         out.append({"name": iv["name"], **grid})

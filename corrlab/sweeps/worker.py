@@ -86,7 +86,7 @@ class ItemRunner:
     def run(self, key: str, config: dict, labels: dict) -> dict:
         """Compute one item and commit it to the store; returns a summary dict."""
         from ..geometry import Camera
-        from ..probing import probe
+        from ..probing import MatchingOptions, probe
         from ..sets import save_set
 
         t0 = time.perf_counter()
@@ -101,26 +101,25 @@ class ItemRunner:
             cameras = sample_cameras(int(config["seed"]), int(config["views"]), pipe.sample_size,
                                      layout=config["layout"])
         p = config["probe"]
-        matching = {k: p[k] for k in ("similarity", "heads", "confidence", "threshold", "window_radius", "mutual",
-                                      "chunk_size")}
+        matching = MatchingOptions.build(**{k: p[k] for k in MatchingOptions.fields() if k in p})
         iv = config["intervention"]
         tmp = self.store.new_tmp(key)
         try:
             with contextlib.ExitStack() as stack:
                 if iv["name"] == "corr_adapter":
-                    from ..interventions.corr_adapter import corr_adapter
+                    from ..interventions.aggregation import corr_adapter
 
                     stack.enter_context(corr_adapter(pipe, **{k: v for k, v in iv.items() if k != "name"}))
                 elif iv["name"] != "none":
                     raise CorrlabError(f"intervention: expected 'none' or 'corr_adapter', got {iv['name']!r}")
-                rec = stack.enter_context(probe(pipe, layers=p["layers"], steps=p["steps"],
-                                                batch_index=p["batch_index"], history=p["history"], **matching))
+                rec = stack.enter_context(probe(pipe, layers=p["layers"], steps=p["steps"], matching=matching,
+                                                batch_index=p["batch_index"], chunk_size=p["chunk_size"]))
                 mvs = pipe(config["prompt"], cameras=cameras, num_views=int(config["views"]),
                            num_inference_steps=int(config["num_steps"]), guidance_scale=float(config["guidance"]),
                            seed=int(config["seed"]), progress=False, size=size)
             if not rec.steps:
                 raise CorrlabError(f"probe.steps: no step of the {config['num_steps']} sampled matched {p['steps']}")
-            rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras, model=config["model"]["label"])
+            rec.set_meta(model=config["model"]["label"])  # prompt, seed, cameras: recorded by the probe
             t_gen = time.perf_counter() - t0
             save_set(mvs, tmp)
             rec.save(tmp / "record.nc")

@@ -334,7 +334,7 @@ class CorrespondenceExplorer:
         if tgt is None:
             set_figure(self.pair, message_figure("no other view to pair with"))
             return
-        one = self._heads(self._cell().sel(tgt=tgt)).transpose("head", "row", "col")
+        one = self._heads(self._cell().sel(tgt=tgt)).transpose("head", "row", "col", ...)
         pts0 = np.tile(self.token_centres(), (one.sizes["head"], 1))
         pts1 = np.stack([one["match_x"].values.reshape(-1), one["match_y"].values.reshape(-1)], axis=-1)
         kept = one["kept"].values.reshape(-1).astype(bool)

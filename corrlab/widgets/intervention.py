@@ -121,10 +121,10 @@ class InterventionPanel:
         seed, num_views, num_inference_steps, size, guidance_scale: generation settings (guidance None: the
             pipeline's default ``corrlab.model.DEFAULT_GUIDANCE``).
         corr_adapter: ``(model, **params) -> context manager`` enabling CorrAdapter
-            (default :func:`corrlab.interventions.corr_adapter.corr_adapter`).
+            (default :func:`corrlab.interventions.aggregation.corr_adapter`).
         generate_pair: ``(pipeline, prompt_a, prompt_b, *, mode, k, smoothing, seed, num_views,
             num_inference_steps, size, guidance_scale) -> (images_a, images_b)`` (default:
-            :func:`corrlab.interventions.velocity_adapters.generate_pair` with a
+            :func:`corrlab.interventions.pair_generation.generate_pair` with a
             ``LinearDecaySmoothing(w_start=smoothing)`` schedule).
         measure: ``(images, cameras) -> tidy DataFrame(metric, value, ...)`` consistency measure
             (default :func:`epipolar_consistency`).
@@ -153,13 +153,16 @@ class InterventionPanel:
         self.last_result: dict | None = None
         self._before_cache: dict = {}
 
+        from ..interventions.aggregation import CorrAdapterConfig
+
+        defaults = CorrAdapterConfig()
         style = {"description_width": "150px"}
         n = int(num_inference_steps)
         self.prompt = widgets.Text(value=prompt, description="prompt", style=style)
         self.corr_adapter_on = widgets.Checkbox(value=False, description="CorrAdapter", indent=False)
-        self.eta = widgets.FloatSlider(value=0.1, min=0.0, max=1.0, step=0.05, description="eta (1 = adapter off)",
+        self.eta = widgets.FloatSlider(value=defaults.eta, min=0.0, max=1.0, step=0.05, description="eta (1 = adapter off)",
                                        style=style, continuous_update=False)
-        self.radius = widgets.IntSlider(value=3, min=0, max=7, description="window radius r", style=style,
+        self.radius = widgets.IntSlider(value=defaults.radius, min=0, max=7, description="window radius r", style=style,
                                         continuous_update=False)
         self.active_steps = widgets.IntSlider(value=0, min=0, max=n, description="active steps (0: all)",
                                               style=style, continuous_update=False)
@@ -208,7 +211,7 @@ class InterventionPanel:
     # ------------------------------------------------------------------ settings
     def adapter_params(self) -> dict:
         """CorrAdapter keyword arguments from the controls (``active_steps`` None = all steps)."""
-        return dict(eta=float(self.eta.value), radius=int(self.radius.value),
+        return dict(eta=float(self.eta.value), window_radius=int(self.radius.value),
                     active_steps=int(self.active_steps.value) or None, refresh_every=int(self.refresh_every.value))
 
     def _adapter_context(self):
@@ -217,7 +220,7 @@ class InterventionPanel:
         factory = self._corr_adapter
         if factory is None:
             try:
-                from ..interventions.corr_adapter import corr_adapter as factory
+                from ..interventions.aggregation import corr_adapter as factory
             except ImportError as e:
                 raise CorrlabError(f"corr_adapter: CorrAdapter is not available in this corrlab ({e})") from None
         return factory(self.pipeline.model, **self.adapter_params())
@@ -233,15 +236,15 @@ class InterventionPanel:
         try:
             from ..interventions import SegmentTransportConfig
             from ..interventions.schedules import LinearDecaySmoothing
-            from ..interventions.velocity_adapters import generate_pair
+            from ..interventions.pair_generation import SamplingOptions, generate_pair
         except ImportError as e:
             raise CorrlabError(f"segment transport for the embedded model is not available ({e})") from None
         config = SegmentTransportConfig(mode=mode, k=int(self.k.value),
                                         smoothing_schedule=LinearDecaySmoothing(w_start=float(self.strength.value)))
-        pair = generate_pair(self.pipeline, self.prompt.value, self.prompt_b.value, s["seed"], mode=mode,
-                             k=int(self.k.value), num_views=s["num_views"],
-                             num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
-                             size=s["size"], config=config, progress=False)
+        sampling = SamplingOptions(num_views=s["num_views"], num_inference_steps=s["num_inference_steps"],
+                                   guidance_scale=s["guidance_scale"], size=s["size"])
+        pair = generate_pair(self.pipeline, self.prompt.value, self.prompt_b.value, s["seed"], sampling=sampling,
+                             transport=config, progress=False)
         return pair.set_a.images, pair.set_b.images
 
     def _generate(self, prompt: str):
@@ -289,7 +292,7 @@ class InterventionPanel:
         if not self.corr_adapter_on.value:
             return "after (no intervention)"
         p = self.adapter_params()
-        return f"CorrAdapter eta={p['eta']:g} r={p['radius']}"
+        return f"CorrAdapter eta={p['eta']:g} r={p['window_radius']}"
 
     def _run_plain(self, key, prompt: str) -> dict:
         if key not in self._before_cache:

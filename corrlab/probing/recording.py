@@ -2,8 +2,9 @@
 
 >>> with corrlab.probe(pipe, layers=["blocks.7.attn"], steps=[5, 10]) as rec:     # doctest: +SKIP
 ...     mvs = pipe("red striped box", seed=0)
->>> rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)          # doctest: +SKIP
 >>> rec.ds          # xarray Dataset (layer, step, src, tgt, head, row, col)     # doctest: +SKIP
+>>> rec.cameras     # the set's cameras, recorded by the probe                  # doctest: +SKIP
+>>> corrlab.probe(pipe, matching=MatchingOptions(heads="mean", threshold=0.2))  # doctest: +SKIP
 
 The probe taps the layers through :class:`corrlab.probing.taps.AttentionTaps` (in the default exact mode
 it observes only: the model's outputs stay bit-identical; see "Kernel modes" below), and everything is
@@ -44,16 +45,18 @@ half (``[uncond, cond]``); otherwise 0. Pass an int to choose.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import json
+import warnings
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Sequence
 
 
 import torch
 
 from ..errors import CorrlabError, ValueRangeError, check_choice, describe
-from .attention_cache import is_corrlab_model, check_steps, conditional_batch_entry
+from .attention_cache import check_steps, conditional_batch_entry, is_corrlab_model
 from .fused_attention import check_fused_options, fused_attention_matches
-from .matcher import MATCHING_DEFAULTS, HistoryMax, Workspace, check_matching_options, match_layout
+from .matcher import DEFAULT_CHUNK_SIZE, HistoryMax, MatchingOptions, Workspace, match_layout
 from .record import ProbeRecord, RecordBuilder
 from .taps import AttentionCall, AttentionTaps, list_layers
 
@@ -64,13 +67,15 @@ class ProbeRecorder:
     """The ``on_call`` of the taps: derives steps, selects the batch entry, matches, stores."""
 
     def __init__(self, model_or_pipeline: Any, builder: RecordBuilder, steps: Sequence[int] | None,
-                 batch_index: int | None, matching: dict, history: int | None, kernel: str = "exact"):
+                 batch_index: int | None, matching: MatchingOptions, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 kernel: str = "exact"):
         self.target = model_or_pipeline
         self.builder = builder
         self.steps = None if steps is None else set(steps)
         self.batch_index = batch_index
         self.matching = matching
-        self.history = HistoryMax(history) if history is not None else None
+        self._matcher_kwargs = {**matching.matcher_kwargs(), "chunk_size": chunk_size}
+        self.history = HistoryMax(matching.history) if matching.history is not None else None
         self.workspace = Workspace()  # block buffers reused across calls: O(chunk_size x h*w) memory
         self.corrlab_model = is_corrlab_model(model_or_pipeline)
         self._done: set[tuple[str, int]] = set()
@@ -97,17 +102,16 @@ class ProbeRecorder:
         self.kernel_calls["exact"] += 1
         layout = call.layout
         num_images, num_heads = q.shape[0], q.shape[1]
-        hp = num_heads if self.matching["heads"] == "per_head" else 1
+        hp = num_heads if self.matching.heads == "per_head" else 1
         self.builder.add_layer(call.layer, layout.grid, hp, layout.token_centres(), layout.image_size,
                                row_wise=layout.row_wise)
         k_heads = k.transpose(0, 1)  # (heads, V, N, d)
         for i in range(num_images):
             tgts = [j for j in range(num_images) if j != i]
             m = match_layout(q[i], k_heads[:, tgts], layout.grid, row_wise=layout.row_wise, scale=call.scale,
-                             workspace=self.workspace, **self.matching)
+                             workspace=self.workspace, **self._matcher_kwargs)
             self.builder.add(call.layer, step, call.timestep, i, tgts, m.index, m.confidence, m.kept, num_images)
         return None
-
 
     def _fused_kernel(self, call: AttentionCall, q, k, v, kernel) -> torch.Tensor | None:
         """Fused mode: the kernel output of a recorded call, computed from the logits the matching reads.
@@ -125,8 +129,8 @@ class ProbeRecorder:
         B = q.shape[0]
         b = self._batch_entry(B)
         layout = call.layout
-        opts = {name: self.matching[name] for name in ("heads", "confidence", "threshold", "window_radius",
-                                                        "chunk_size", "strict", "similarity", "mutual")}
+        opts = {name: self._matcher_kwargs[name] for name in ("heads", "confidence", "threshold", "window_radius",
+                                                               "chunk_size", "strict", "similarity", "mutual")}
         out_b, index, conf, kept = fused_attention_matches(q[b], k[b], v[b], layout.grid, scale=call.scale, **opts)
         num_images = layout.num_images
         hp = index.shape[0]
@@ -151,11 +155,12 @@ def probe(
     layers: Sequence[str] | None = None,
     steps: Sequence[int] | None = None,
     *,
+    matching: MatchingOptions | None = None,
     batch_index: int | None = None,
-    history: int | None = None,
     image_scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     kernel: str = "exact",
-    **matching,
+    **options,
 ) -> Iterator[ProbeRecord]:
     """Record native correspondences of ``model_or_pipeline`` during the calls inside the ``with``.
 
@@ -164,42 +169,71 @@ def probe(
             or pipeline (see :mod:`corrlab.probing.taps`).
         layers: layer names (see ``probe.layers(model)``); None = all multi-image attention layers.
         steps: step indices to record (None = every step); see the module docstring for what a step is.
+        matching: the :class:`~corrlab.probing.matcher.MatchingOptions` (None = the defaults, the paper's).
         batch_index: which batch entry to record (None = the conditional branch, see the module docstring).
-        history: if set, match with the element-wise max of q and k over the last ``history`` calls of
-            each layer (SyncDreamer release: 11); stores that many copies of q and k per layer.
         image_scale: pixels of the generated images per latent pixel (default: from the pipeline).
+        chunk_size: source tokens per matcher block (memory bound ``O(chunk_size x h*w)``; results do not
+            depend on it).
+        **options: fields of :class:`~corrlab.probing.matcher.MatchingOptions` replacing those of ``matching``
+            (``probe(pipe, threshold=0.2, history=11)``).
         kernel: ``"exact"`` (default) or ``"fused"``; see "Kernel modes" in the module docstring.
-        **matching: options of :func:`corrlab.probing.matcher.match_tokens` (``similarity``, ``heads``,
-            ``confidence``, ``threshold``, ``window_radius``, ``mutual``, ``chunk_size``); defaults in
-            :data:`corrlab.probing.matcher.MATCHING_DEFAULTS`.
 
     Yields:
-        A :class:`ProbeRecord`, filled while the block runs (``rec.ds`` can be read at any time). Attach
-        the prompt, seed and cameras afterwards with ``rec.set_meta(...)``.
+        A :class:`ProbeRecord`, filled while the block runs (``rec.ds`` can be read at any time). A
+        ``CorrlabPipeline`` called inside the block hands the set it returns to the record: its prompt, seed
+        and cameras are recorded with no further call (the first set; a later call that returns a set with
+        other cameras, prompt or seed raises a warning). For a bare model or a diffusers pipeline, whose
+        outputs carry no cameras, attach them with ``rec.set_meta(...)``.
     """
-    unknown = sorted(set(matching) - set(MATCHING_DEFAULTS))
-    if unknown:
-        raise CorrlabError(f"matching: unknown options {unknown}; expected some of {sorted(MATCHING_DEFAULTS)}")
-    options = check_matching_options(**{**MATCHING_DEFAULTS, **matching})
+    opts = MatchingOptions.build(matching, **options)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueRangeError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     step_list = check_steps(steps)
     if batch_index is not None and (isinstance(batch_index, bool) or not isinstance(batch_index, int)):
         raise ValueRangeError(f"batch_index: expected None or an int, got {batch_index!r}")
-    if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
-        raise ValueRangeError(f"history: expected None or a positive int (calls kept per layer), got {history!r}")
     check_choice("kernel", kernel, ("exact", "fused"))
     if kernel == "fused":
-        check_fused_options(options)
-        if history is not None:
+        check_fused_options(opts.as_dict())
+        if opts.history is not None:
             raise CorrlabError(
-                f"kernel: 'fused' matches the logits the layer computes now; history={history} matches the max of "
-                f"q and k over earlier calls, use kernel='exact'"
+                f"kernel: 'fused' matches the logits the layer computes now; history={opts.history} matches the max "
+                f"of q and k over earlier calls, use kernel='exact'"
             )
-    recorded = {**options, "history": history, "steps": step_list, "kernel": kernel}
+    recorded = {**opts.as_dict(), "chunk_size": chunk_size, "steps": step_list, "kernel": kernel}
     builder = RecordBuilder(recorded, batch_index="auto" if batch_index is None else batch_index)
     rec = ProbeRecord(builder=builder)
-    recorder = ProbeRecorder(model_or_pipeline, builder, step_list, batch_index, options, history, kernel)
-    with AttentionTaps(model_or_pipeline, layers, recorder, image_scale=image_scale):
+    recorder = ProbeRecorder(model_or_pipeline, builder, step_list, batch_index, opts, chunk_size, kernel)
+    with ExitStack() as stack:
+        stack.enter_context(AttentionTaps(model_or_pipeline, layers, recorder, image_scale=image_scale))
+        observe = getattr(model_or_pipeline, "observe_outputs", None)
+        if is_corrlab_model(model_or_pipeline) and observe is not None:
+            stack.enter_context(observe(_SetCapture(rec, batch_index)))
         yield rec
+
+
+class _SetCapture:
+    """Observer of a ``CorrlabPipeline``'s outputs: records the first returned set's prompt, seed and cameras."""
+
+    def __init__(self, rec: ProbeRecord, batch_index: int | None):
+        self.rec = rec
+        self.batch_index = batch_index
+        self.seen: tuple | None = None
+
+    def __call__(self, result: Any) -> None:
+        from ..sets import MultiViewSet
+
+        sets = [result] if isinstance(result, MultiViewSet) else list(result)
+        if not sets or not all(isinstance(m, MultiViewSet) for m in sets):
+            return
+        b = self.batch_index if self.batch_index is not None else 0
+        mvs = sets[b] if -len(sets) <= b < len(sets) else sets[0]
+        key = (mvs.prompt, int(mvs.seed), tuple(json.dumps(c.to_dict(), sort_keys=True) for c in mvs.cameras))
+        if self.seen is None:
+            self.seen = key
+            self.rec.set_meta(prompt=mvs.prompt, seed=mvs.seed, cameras=mvs.cameras)
+        elif key != self.seen:
+            warnings.warn("probe: the pipeline was called again inside the probe with another prompt, seed or "
+                          "cameras; the record keeps the first set's (and holds the steps of every call)", stacklevel=3)
 
 
 probe.layers = list_layers

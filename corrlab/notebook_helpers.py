@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..errors import CorrlabError, WeightsNotFoundError
+from .errors import CorrlabError, WeightsNotFoundError
 
 __all__ = ["FAST_ENV", "fast_mode", "load_pipeline", "untrained_pipeline"]
 
@@ -39,7 +39,7 @@ def untrained_pipeline(seed: int = 0):
     the noise), so every all-zero parameter gets small random values from ``seed`` instead: the
     attention layers then shape the output, which is what the notebooks look at.
     """
-    from ..model import CorrlabPipeline, MultiViewDiT
+    from .model import CorrlabPipeline, MultiViewDiT
 
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng():
@@ -64,7 +64,7 @@ def load_pipeline(model: str = "default", seed: int = 0, verbose: bool = True):
     :func:`untrained_pipeline` (results then describe an untrained model). Any other missing model raises
     :class:`~corrlab.errors.WeightsNotFoundError`.
     """
-    from ..model import load_default
+    from .model import load_default
 
     if model == "untrained":
         return untrained_pipeline(seed)

@@ -15,7 +15,7 @@ layouts), averaged over the kept j, and the layer's attention output (before its
 (elsewhere the original output). ``eta = 1`` is "adapter off" and reproduces the plain model bit for bit.
 
 >>> from corrlab.interventions import corr_adapter
->>> with corr_adapter(pipe, eta=0.1, radius=3) as handle:                     # doctest: +SKIP
+>>> with corr_adapter(pipe, eta=0.1, window_radius=3) as handle:              # doctest: +SKIP
 ...     mvs = pipe("red striped box", seed=0)
 >>> handle = CorrAdapterHandle(pipe, eta=0.5).enable()                       # doctest: +SKIP
 >>> handle.update(eta=0.8); handle.disable()                                 # doctest: +SKIP
@@ -43,7 +43,7 @@ are adapted once registered (:mod:`corrlab.probing.custom`).
 Memory beyond the kernel's own: the matcher's blocks (``chunk_size`` source tokens x one image's tokens x
 heads x other images), the aggregation's blocks (``chunk_size`` kept matches x window x head size, for
 keys and values), the list of kept matches (a few longs each), the cached matches (one long per token,
-head and other image, per adapted layer) and, with ``history_max``, ``history_length`` copies of q and k
+head and other image, per adapted layer) and, with ``matching.history``, that many copies of q and k
 per layer. The blend is written into the kernel's output in place (the taps then copy it into the layer's
 output, their one output-size copy), so no output-size buffer of the adapter's own is needed; an outer
 observer tapping the same layer sees the adapted output in ``call.out``.
@@ -52,16 +52,18 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
 from ..errors import CorrlabError, ShapeError, ValueRangeError, check_choice, describe
-from ..probing.matcher import HistoryMax, match_layout, window_offsets
+from ..probing.matcher import HistoryMax, MatchingOptions, match_layout, window_offsets
 from ..probing.taps import AttentionCall, AttentionTaps, list_layers
 
 __all__ = [
+    "AggregationOptions",
+    "MatchedAttention",
     "CorrAdapterConfig",
     "CorrAdapter",
     "CorrAdapterHandle",
@@ -99,21 +101,59 @@ def paper_schedule(*, image_conditioned: bool = False, video: bool = False, row_
     return active, (1 if row_wise else 5)
 
 
+# keyword form (fields of CorrAdapterConfig and of MatchingOptions), built by CorrAdapterConfig.build
 _PRESETS: dict[str, dict] = {
     "syncdreamer": dict(
-        eta=0.1, radius=3, threshold=0.05, confidence="window", similarity="dual_softmax", heads="per_head",
-        mutual=False, strict_threshold=False, active_steps=None, refresh_every=5, refresh_last_step=True,
-        num_steps=50, history_max=True, history_length=11, history_for_aggregation=True,
+        eta=0.1, window_radius=3, threshold=0.05, confidence="window", similarity="dual_softmax", heads="per_head",
+        mutual=False, strict=False, active_steps=None, refresh_every=5, refresh_last_step=True,
+        num_steps=50, history=11, history_for_aggregation=True,
         shared_guidance_cache=True, window="square", window_border="mask", unmatched="original",
         image_conditioned=True,
     ),
     "mvadapter": dict(
-        eta=0.1, radius=3, threshold=0.05, confidence="global", similarity="softmax", heads="per_head",
-        mutual=False, strict_threshold=True, active_steps=None, refresh_every=1, refresh_last_step=False,
-        history_max=False, history_for_aggregation=False, shared_guidance_cache=False, window="row",
+        eta=0.1, window_radius=3, threshold=0.05, confidence="global", similarity="softmax", heads="per_head",
+        mutual=False, strict=True, active_steps=None, refresh_every=1, refresh_last_step=False,
+        history=None, history_for_aggregation=False, shared_guidance_cache=False, window="row",
         window_border="clamp", unmatched="scaled", image_conditioned=True,
     ),
 }
+
+
+@dataclass(frozen=True)
+class AggregationOptions:
+    """How one layer's kept matches are aggregated and blended (:func:`windowed_aggregation`,
+    :func:`corr_adapted_output`); :meth:`CorrAdapterConfig.aggregation` resolves them per layer.
+
+    Attributes:
+        radius: r of the ``(2r+1) x (2r+1)`` window (2r+1 tokens for ``window="row"``).
+        eta: weight of the original output, ``out = eta * original + (1 - eta) * aggregated`` (1 = off).
+        window: ``"square"`` or ``"row"``; border: ``"mask"`` or ``"clamp"`` (see :func:`window_token_indices`).
+        unmatched: ``"original"`` (tokens with no kept match keep their output) or ``"scaled"`` (they
+            become ``eta * original``, the MVAdapter release).
+        chunk_size: kept matches per block (memory ``chunk_size x K x (d + dv)`` values).
+    """
+
+    radius: int = MatchingOptions.window_radius
+    eta: float = 0.1
+    window: str = "square"
+    border: str = "mask"
+    unmatched: str = "original"
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        r = self.radius
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueRangeError(f"radius: expected a non-negative int, got {r!r}")
+        e = self.eta
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0.0 <= float(e) <= 1.0:
+            raise ValueRangeError(f"eta: expected a number in [0, 1] (1 = adapter off), got {e!r}")
+        object.__setattr__(self, "eta", float(e))
+        check_choice("window", self.window, ("square", "row"))
+        check_choice("border", self.border, ("mask", "clamp"))
+        check_choice("unmatched", self.unmatched, ("original", "scaled"))
+        c = self.chunk_size
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueRangeError(f"chunk_size: expected a positive int, got {c!r}")
 
 
 @dataclass(frozen=True)
@@ -124,22 +164,20 @@ class CorrAdapterConfig:
     :meth:`preset` gives the exact settings of a released integration (methods.md section 6), including the
     release quirks marked "(quirk)" below, which look like bugs and are off by default.
 
+    Build one from keywords with :meth:`build` (``CorrAdapterConfig.build(eta=0.5, threshold=0.1)``: fields
+    of this class and of :class:`~corrlab.probing.matcher.MatchingOptions`), which is also what
+    ``corr_adapter(pipe, **params)`` and :meth:`CorrAdapterHandle.update` do.
+
     Attributes:
         eta: weight of the original attention output, ``out = eta * original + (1 - eta) * aggregated``
             (default 0.1, the released code's value; 1 = adapter off, the paper uses 0.8 for text-to-multi-view).
-        radius: r of the ``(2r+1) x (2r+1)`` aggregation window (2r+1 tokens for row windows) and of the
-            window confidence (default 3, the paper's).
-        threshold: keep a match when its confidence is ``>= threshold`` (default 0.05, the paper's).
-        strict_threshold: keep only when ``confidence > threshold`` (MVAdapter release; default False: ``>=``,
-            SyncDreamer release).
-        confidence: ``"global"`` (default, max softmax probability; MVAdapter release) or ``"window"``
-            (probability of the match in a softmax over the ``(2r+1)^2`` similarities around it, outside-image
-            entries masked; SyncDreamer release); see the matcher.
-        similarity: ``"softmax"`` (default; MVAdapter) or ``"dual_softmax"`` (SyncDreamer: row softmax x column
-            softmax over all source tokens).
-        heads: ``"per_head"`` (default, both releases: every head matches and aggregates on its own) or
-            ``"mean"`` (one match from head-averaged similarities, used by every head).
-        mutual: keep only mutual nearest neighbours (default False, as in both releases).
+        matching: the :class:`~corrlab.probing.matcher.MatchingOptions` of the adapter's native
+            correspondences (default: the paper's, as the probe's; both releases match per head with
+            ``mutual=False``). CorrAdapter has one window radius r: ``matching.window_radius`` is the
+            ``(2r+1) x (2r+1)`` aggregation window (2r+1 tokens for row windows) and the window of
+            ``confidence="window"`` (default 3, the paper's; also :attr:`radius`). ``matching.strict`` is the
+            MVAdapter release's ``>`` threshold; ``matching.history`` (None, or SyncDreamer's 11) matches with
+            the element-wise max of q and k over the last ``history`` adapted calls of each layer.
         layers: names of the layers to adapt; None (default) = :func:`default_adapter_layers`: the finest-level
             multi-image layers of the decoder (a UNet's ``up_blocks`` at the highest resolution: SyncDreamer's
             output blocks 9-11, MV-Adapter's ``up_blocks.1``), and where every layer shares one grid
@@ -152,12 +190,9 @@ class CorrAdapterConfig:
             an extra refresh off the 5-step grid; default False). Needs ``num_steps``.
         num_steps: the generation's number of steps (only read by ``refresh_last_step``; the SyncDreamer
             preset says 50, its DDIM setting: pass your own).
-        history_max: match with the element-wise max of q and k over the last ``history_length`` adapted
-            calls of each layer (SyncDreamer release; default False).
-        history_length: calls kept for ``history_max`` (default 11).
         history_for_aggregation: (quirk, SyncDreamer release) the history-max q and k also replace the
-            layer's q and k in the windowed aggregation (values stay the current ones); default False: the
-            history only chooses the matches.
+            layer's q and k in the windowed aggregation (values stay the current ones); needs
+            ``matching.history``; default False: the history only chooses the matches.
         shared_guidance_cache: (quirk, SyncDreamer release) one cache of matches per layer and view pair for
             the whole batch: at a refresh every batch entry matches on its own, and the cache keeps the last
             entry's matches, which every entry then reuses until the next refresh; under classifier-free
@@ -180,29 +215,46 @@ class CorrAdapterConfig:
             small temporaries, see the module docstring).
     """
 
-    eta: float = 0.1
-    radius: int = 3
-    threshold: float = 0.05
-    confidence: str = "global"
-    similarity: str = "softmax"
-    heads: str = "per_head"
-    mutual: bool = False
+    eta: float = AggregationOptions.eta
+    matching: MatchingOptions = field(default_factory=MatchingOptions)
     layers: tuple[str, ...] | None = None
     active_steps: int | None | str = "auto"
     refresh_every: int | str = "auto"
-    history_max: bool = False
-    history_length: int = 11
     window: str = "auto"
-    chunk_size: int = 64
-    strict_threshold: bool = False
+    chunk_size: int = AggregationOptions.chunk_size
     history_for_aggregation: bool = False
     shared_guidance_cache: bool = False
     refresh_last_step: bool = False
     num_steps: int | None = None
-    window_border: str = "mask"
-    unmatched: str = "original"
+    window_border: str = AggregationOptions.border
+    unmatched: str = AggregationOptions.unmatched
     image_conditioned: bool = False
     video: bool | None = None
+
+    @classmethod
+    def build(cls, base: "CorrAdapterConfig | None" = None, **params: Any) -> "CorrAdapterConfig":
+        """``base`` (default: the defaults) with ``params`` replaced: fields of this class, and fields of
+        :class:`~corrlab.probing.matcher.MatchingOptions` (replacing those of ``base.matching``, or of a
+        ``matching`` given in ``params``). Unknown names raise, naming the accepted ones."""
+        if base is not None and not isinstance(base, cls):
+            raise CorrlabError(f"config: expected None or a CorrAdapterConfig, got {describe(base)}")
+        own = {f.name for f in dataclasses.fields(cls)}
+        matching_names = set(MatchingOptions.fields())
+        unknown = sorted(set(params) - own - matching_names)
+        if unknown:
+            raise CorrlabError(f"params: unknown CorrAdapter parameters {unknown}; expected some of "
+                               f"{sorted(own - {'matching'})} or the MatchingOptions fields {sorted(matching_names)}")
+        mine = {k: v for k, v in params.items() if k in own}
+        options = {k: v for k, v in params.items() if k in matching_names}
+        if options:
+            start = mine.get("matching", base.matching if base is not None else None)
+            mine["matching"] = MatchingOptions.build(start, **options)
+        return dataclasses.replace(base, **mine) if base is not None else cls(**mine)
+
+    @property
+    def radius(self) -> int:
+        """The adapter's window radius r (``matching.window_radius``): aggregation and window confidence."""
+        return self.matching.window_radius
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "CorrAdapterConfig":
@@ -219,7 +271,7 @@ class CorrAdapterConfig:
         Both leave ``layers`` to :func:`default_adapter_layers` (the finest decoder level, as released).
         """
         check_choice("name", name, tuple(_PRESETS))
-        return cls(**{**_PRESETS[name], **overrides})
+        return cls.build(**{**_PRESETS[name], **overrides})
 
     @staticmethod
     def preset_names() -> tuple[str, ...]:
@@ -227,17 +279,12 @@ class CorrAdapterConfig:
         return tuple(_PRESETS)
 
     def __post_init__(self) -> None:
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0.0 <= float(self.eta) <= 1.0:
-            raise ValueRangeError(f"eta: expected a number in [0, 1] (1 = adapter off), got {self.eta!r}")
+        if not isinstance(self.matching, MatchingOptions):
+            raise CorrlabError(f"matching: expected a corrlab.probing.MatchingOptions, got {describe(self.matching)}")
+        check_choice("window", self.window, ("auto", "square", "row"))
+        check_choice("window_border", self.window_border, ("mask", "clamp"))
+        self.aggregation("square")  # validates eta, unmatched, chunk_size (named as here)
         object.__setattr__(self, "eta", float(self.eta))
-        for name in ("radius",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueRangeError(f"{name}: expected a non-negative int, got {value!r}")
-        for name in ("history_length", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueRangeError(f"{name}: expected a positive int, got {value!r}")
         r = self.refresh_every
         if r != "auto" and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise ValueRangeError(f"refresh_every: expected 'auto' or a positive int, got {r!r}")
@@ -250,30 +297,25 @@ class CorrAdapterConfig:
         n = self.num_steps
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueRangeError(f"num_steps: expected None or a positive int, got {n!r}")
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-            raise ValueRangeError(f"threshold: expected a probability in [0, 1], got {t!r}")
-        object.__setattr__(self, "threshold", float(t))
-        check_choice("confidence", self.confidence, ("global", "window"))
-        check_choice("similarity", self.similarity, ("softmax", "dual_softmax"))
-        check_choice("heads", self.heads, ("per_head", "mean"))
-        check_choice("window", self.window, ("auto", "square", "row"))
-        check_choice("window_border", self.window_border, ("mask", "clamp"))
-        check_choice("unmatched", self.unmatched, ("original", "scaled"))
-        for name in ("mutual", "history_max", "strict_threshold", "history_for_aggregation", "shared_guidance_cache",
-                     "refresh_last_step", "image_conditioned"):
+        for name in ("history_for_aggregation", "shared_guidance_cache", "refresh_last_step", "image_conditioned"):
             if not isinstance(getattr(self, name), bool):
                 raise CorrlabError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if self.video is not None and not isinstance(self.video, bool):
             raise CorrlabError(f"video: expected None (from the model) or a bool, got {self.video!r}")
-        if self.history_for_aggregation and not self.history_max:
-            raise CorrlabError("history_for_aggregation: expected together with history_max=True, got history_max=False")
+        if self.history_for_aggregation and self.matching.history is None:
+            raise CorrlabError("history_for_aggregation: expected together with matching.history (e.g. 11), "
+                               "got matching.history=None")
         if self.refresh_last_step and self.num_steps is None:
             raise CorrlabError("num_steps: refresh_last_step=True needs the generation's number of steps, got None")
         if self.layers is not None:
             if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers) or not self.layers:
                 raise CorrlabError(f"layers: expected None or a non-empty list of layer names, got {describe(self.layers)}")
             object.__setattr__(self, "layers", tuple(self.layers))
+
+    def aggregation(self, window: str) -> AggregationOptions:
+        """The :class:`AggregationOptions` of a layer whose window shape (``"square"`` / ``"row"``) is ``window``."""
+        return AggregationOptions(radius=self.radius, eta=self.eta, window=window, border=self.window_border,
+                                  unmatched=self.unmatched, chunk_size=self.chunk_size)
 
     def schedule(self, *, row_wise: bool = False, video: bool = False) -> tuple[int | None, int]:
         """``(active_steps, refresh_every)`` for a layer: the given values, ``"auto"`` through :func:`paper_schedule`."""
@@ -284,22 +326,13 @@ class CorrAdapterConfig:
         return (active if self.active_steps == "auto" else self.active_steps,
                 refresh if self.refresh_every == "auto" else self.refresh_every)
 
-    def matching_options(self) -> dict:
-        """Keyword arguments of :func:`corrlab.probing.matcher.match_views` (window radius = ``radius``)."""
-        return {
-            "similarity": self.similarity,
-            "heads": self.heads,
-            "confidence": self.confidence,
-            "threshold": self.threshold,
-            "window_radius": self.radius,
-            "mutual": self.mutual,
-            "chunk_size": self.chunk_size,
-            "strict": self.strict_threshold,
-        }
+    def matcher_kwargs(self) -> dict:
+        """Keyword arguments of :func:`corrlab.probing.matcher.match_layout` (``matching`` plus ``chunk_size``)."""
+        return {**self.matching.matcher_kwargs(), "chunk_size": self.chunk_size}
 
 
-_MATCHING_FIELDS = ("radius", "threshold", "confidence", "similarity", "heads", "mutual", "history_max", "history_length",
-                   "strict_threshold", "history_for_aggregation", "shared_guidance_cache")
+# a change of any of these drops the cached matches
+_MATCHING_FIELDS = ("matching", "history_for_aggregation", "shared_guidance_cache")
 
 
 _DECODER_CONTAINERS = ("up_blocks", "output_blocks", "decoder")  # diffusers UNets, ldm UNets, generic
@@ -380,31 +413,61 @@ def window_token_indices(
     return row.clamp(0, h - 1) * w + col.clamp(0, w - 1), inside
 
 
-def _check_inputs(q, k, v, index, kept, grid, chunk_size) -> tuple[int, int]:
-    if not isinstance(q, torch.Tensor) or q.ndim != 5:
-        raise ShapeError(f"q: expected a tensor of shape (B, V, heads, N, d), got {describe(q)}")
-    for name, x in (("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[:4] != q.shape[:4]:
-            raise ShapeError(f"{name}: expected shape {tuple(q.shape[:4])} + (d,) matching q, got {describe(x)}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ShapeError(f"k: expected head size {q.shape[-1]} matching q, got {describe(k)}")
-    B, V, H, N, _ = q.shape
-    if V < 2:
-        raise ShapeError(f"q: expected at least 2 images (V >= 2), got {describe(q)}")
-    ok = isinstance(index, torch.Tensor) and index.ndim == 5 and index.shape[:2] == (B, V)
-    if not ok or index.shape[2] not in (1, H) or index.shape[3:] != (V - 1, N) or index.dtype != torch.long:
-        raise ShapeError(f"index: expected a long tensor of shape ({B}, {V}, {H} or 1, {V - 1}, {N}), got {describe(index)}")
-    if not isinstance(kept, torch.Tensor) or kept.shape != index.shape or kept.dtype != torch.bool:
-        raise ShapeError(f"kept: expected a bool tensor of shape {tuple(index.shape)}, got {describe(kept)}")
-    try:
-        h, w = int(grid[0]), int(grid[1])
-    except (TypeError, ValueError, IndexError):
-        raise ShapeError(f"grid: expected a (rows, cols) pair, got {grid!r}") from None
-    if h * w != N:
-        raise ShapeError(f"grid: expected rows * cols = N = {N}, got {grid!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueRangeError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    return h, w
+@dataclass(frozen=True, eq=False)
+class MatchedAttention:
+    """One adapted layer call: its q, k, v and its native matches, validated on construction.
+
+    Attributes:
+        q, k: ``(B, V, heads, N, d)`` the layer's queries and keys of the image tokens.
+        v: ``(B, V, heads, N, dv)`` its values.
+        index: ``(B, V, H', V-1, N)`` long, matched token in the t-th other image (order of
+            :func:`other_images`) for each source token; ``H'`` = heads, or 1 (one match for every head).
+        kept: ``(B, V, H', V-1, N)`` bool, which matches to use.
+        grid: ``(h, w)`` token grid of every image, ``h * w = N``.
+        scale: the layer's softmax scale.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    index: torch.Tensor
+    kept: torch.Tensor
+    grid: tuple[int, int]
+    scale: float
+
+    def __post_init__(self) -> None:
+        q, k, v, index, kept, grid = self.q, self.k, self.v, self.index, self.kept, self.grid
+        if not isinstance(q, torch.Tensor) or q.ndim != 5:
+            raise ShapeError(f"q: expected a tensor of shape (B, V, heads, N, d), got {describe(q)}")
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[:4] != q.shape[:4]:
+                raise ShapeError(f"{name}: expected shape {tuple(q.shape[:4])} + (d,) matching q, got {describe(x)}")
+        if k.shape[-1] != q.shape[-1]:
+            raise ShapeError(f"k: expected head size {q.shape[-1]} matching q, got {describe(k)}")
+        B, V, H, N, _ = q.shape
+        if V < 2:
+            raise ShapeError(f"q: expected at least 2 images (V >= 2), got {describe(q)}")
+        ok = isinstance(index, torch.Tensor) and index.ndim == 5 and index.shape[:2] == (B, V)
+        if not ok or index.shape[2] not in (1, H) or index.shape[3:] != (V - 1, N) or index.dtype != torch.long:
+            raise ShapeError(f"index: expected a long tensor of shape ({B}, {V}, {H} or 1, {V - 1}, {N}), got {describe(index)}")
+        if not isinstance(kept, torch.Tensor) or kept.shape != index.shape or kept.dtype != torch.bool:
+            raise ShapeError(f"kept: expected a bool tensor of shape {tuple(index.shape)}, got {describe(kept)}")
+        try:
+            h, w = int(grid[0]), int(grid[1])
+        except (TypeError, ValueError, IndexError):
+            raise ShapeError(f"grid: expected a (rows, cols) pair, got {grid!r}") from None
+        if h * w != N:
+            raise ShapeError(f"grid: expected rows * cols = N = {N}, got {grid!r}")
+        object.__setattr__(self, "grid", (h, w))
+        sc = self.scale
+        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not 0.0 < float(sc) < float("inf"):
+            raise ValueRangeError(f"scale: expected a positive finite float, got {sc!r}")
+
+
+def _check_options(options) -> AggregationOptions:
+    if not isinstance(options, AggregationOptions):
+        raise CorrlabError(f"options: expected an AggregationOptions, got {describe(options)}")
+    return options
 
 
 def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
@@ -422,14 +485,16 @@ def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
 
 
 def _kept_window_attention(
-    q, k, v, index, kept, grid, scale, radius, window, chunk_size, dtype, border="mask"
+    att: MatchedAttention, options: AggregationOptions, dtype
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Windowed attention of every kept match, block by block.
 
     Yields ``((b, i, h, p), agg (C, dv))``: batch entry, source image, head and source token of each match
     (``(C,)`` long each) and the softmax over its window's keys applied to the values (dtype ``dtype``).
     """
+    q, k, v, index, kept, grid, scale = att.q, att.k, att.v, att.index, att.kept, att.grid, att.scale
     B, V, H, N, _ = q.shape
+    radius, window, border, chunk_size = options.radius, options.window, options.border, options.chunk_size
     bs, src, hs, ts, ps = kept.expand(B, V, H, V - 1, N).nonzero(as_tuple=True)  # M kept matches
     centre = index.expand(B, V, H, V - 1, N)[bs, src, hs, ts, ps]
     tgt = other_images(V).to(q.device)[src, ts]
@@ -457,48 +522,25 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def windowed_aggregation(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    index: torch.Tensor,
-    kept: torch.Tensor,
-    grid: tuple[int, int],
-    *,
-    scale: float,
-    radius: int,
-    window: str = "square",
-    chunk_size: int = 64,
-    border: str = "mask",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def windowed_aggregation(att: MatchedAttention, options: AggregationOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to the window around each kept match, averaged over the kept other images.
 
     Args:
-        q, k: ``(B, V, heads, N, d)`` the layer's queries and keys of the image tokens.
-        v: ``(B, V, heads, N, dv)`` its values.
-        index: ``(B, V, H', V-1, N)`` long, matched token in the t-th other image (order of
-            :func:`other_images`) for each source token; ``H'`` = heads, or 1 (one match for every head).
-        kept: ``(B, V, H', V-1, N)`` bool, which matches to use.
-        grid: ``(h, w)`` token grid of every image, ``h * w = N``.
-        scale: the layer's softmax scale.
-        radius: window radius r; ``window``: ``"square"`` or ``"row"``; ``border``: ``"mask"`` or ``"clamp"``
-            (see :func:`window_token_indices`).
-        chunk_size: kept matches processed together (memory ``chunk_size x K x (d + dv)`` values).
+        att: the layer's q, k, v (``(B, V, heads, N, d)``), matches and grid (:class:`MatchedAttention`).
+        options: the window (``radius``, ``window``, ``border``) and ``chunk_size`` (``eta`` and ``unmatched``
+            are the blend's, not read here).
 
     Returns:
         ``(aggregated (B, V, heads, N, dv), count (B, V, heads, N))``: the mean over the kept other images of
         the windowed attention output (float32, or float64 for float64 inputs; 0 where nothing was kept)
         and the number of kept other images.
     """
-    h, w = _check_inputs(q, k, v, index, kept, grid, chunk_size)
-    B, V, H, N, _ = q.shape
-    dtype = _compute_dtype(q)
-    total = torch.zeros((B * V * H * N, v.shape[-1]), dtype=dtype, device=q.device)
-    count = torch.zeros((B * V * H * N,), dtype=dtype, device=q.device)
-    check_choice("border", border, ("mask", "clamp"))
-    for (b, i, hd, p), agg in _kept_window_attention(
-        q, k, v, index, kept, (h, w), scale, radius, window, chunk_size, dtype, border
-    ):
+    _check_options(options)
+    B, V, H, N, _ = att.q.shape
+    dtype = _compute_dtype(att.q)
+    total = torch.zeros((B * V * H * N, att.v.shape[-1]), dtype=dtype, device=att.q.device)
+    count = torch.zeros((B * V * H * N,), dtype=dtype, device=att.q.device)
+    for (b, i, hd, p), agg in _kept_window_attention(att, options, dtype):
         row = ((b * V + i) * H + hd) * N + p
         total.index_add_(0, row, agg)
         count.index_add_(0, row, torch.ones_like(agg[:, 0]))
@@ -528,57 +570,37 @@ def blend_aggregated(original: torch.Tensor, aggregated: torch.Tensor, count: to
 
 @torch.no_grad()
 def corr_adapted_output(
-    original: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    index: torch.Tensor,
-    kept: torch.Tensor,
-    grid: tuple[int, int],
-    *,
-    scale: float,
-    radius: int,
-    eta: float,
-    window: str = "square",
-    chunk_size: int = 64,
-    inplace: bool = False,
-    border: str = "mask",
-    unmatched: str = "original",
+    original: torch.Tensor, att: MatchedAttention, options: AggregationOptions, *, inplace: bool = False
 ) -> torch.Tensor:
     """CorrAdapter's output in one pass: :func:`blend_aggregated` of :func:`windowed_aggregation`.
 
     Same arguments as :func:`windowed_aggregation` plus ``original (B, V, heads, N, dv)`` (the layer's
-    attention output), ``eta`` and ``unmatched``: ``"original"`` (tokens with no kept match are left as they
-    are) or ``"scaled"`` (every token is blended: those with no kept match become ``eta * original``,
-    the MVAdapter release). The blend is written row by row (no full-size aggregate): into a copy of
+    attention output); the blend uses ``options.eta`` and ``options.unmatched``: ``"original"`` (tokens with
+    no kept match are left as they are) or ``"scaled"`` (every token is blended: those with no kept match
+    become ``eta * original``, the MVAdapter release). The blend is written row by row (no full-size aggregate): into a copy of
     ``original`` (returned), or with ``inplace=True`` into ``original`` itself (returned; no copy at all when
     its rows are contiguous, as an attention kernel's output is). With ``eta = 1`` the result equals
     ``original`` exactly.
     """
-    h, w = _check_inputs(q, k, v, index, kept, grid, chunk_size)
-    B, V, H, N, _ = q.shape
-    if not isinstance(original, torch.Tensor) or original.shape != v.shape:
-        raise ShapeError(f"original: expected shape {tuple(v.shape)} (the values'), got {describe(original)}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
-        raise ValueRangeError(f"eta: expected a number in [0, 1], got {eta!r}")
-    check_choice("border", border, ("mask", "clamp"))
-    check_choice("unmatched", unmatched, ("original", "scaled"))
+    _check_options(options)
+    B, V, H, N, _ = att.q.shape
+    if not isinstance(original, torch.Tensor) or original.shape != att.v.shape:
+        raise ShapeError(f"original: expected shape {tuple(att.v.shape)} (the values'), got {describe(original)}")
+    eta, unmatched = options.eta, options.unmatched
     target = original if inplace else original.clone(memory_format=torch.contiguous_format)
     if unmatched == "scaled":
         target.mul_(eta)  # every token's original gets weight eta; the kept ones get their aggregate below
     rows, (sb, sv, sh, sn), offset = _row_view(target)
     copied = rows.untyped_storage().data_ptr() != target.untyped_storage().data_ptr()
-    n_kept = kept.expand(B, V, H, V - 1, N).sum(dim=3)  # (B, V, H, N) kept other images per output row
+    n_kept = att.kept.expand(B, V, H, V - 1, N).sum(dim=3)  # (B, V, H, N) kept other images per output row
     tb, ti, th, tp = n_kept.nonzero(as_tuple=True)
     if tb.numel() == 0:
         return target
     if unmatched == "original":
         rows[offset + tb * sb + ti * sv + th * sh + tp * sn] *= eta
-    dtype = _compute_dtype(q)
+    dtype = _compute_dtype(att.q)
     share = (1.0 - float(eta)) / n_kept.clamp(min=1).to(dtype)
-    for (b, i, hd, p), agg in _kept_window_attention(
-        q, k, v, index, kept, (h, w), scale, radius, window, chunk_size, dtype, border
-    ):
+    for (b, i, hd, p), agg in _kept_window_attention(att, options, dtype):
         agg.mul_(share[b, i, hd, p].unsqueeze(-1))
         rows.index_add_(0, offset + b * sb + i * sv + hd * sh + p * sn, agg.to(rows.dtype))
     if copied:  # rows of a contiguous copy: write it back
@@ -626,14 +648,16 @@ class CorrAdapter:
 
     def _new_generation(self) -> None:
         self._cache: dict[tuple, _CachedMatches] = {}
-        self._history = HistoryMax(self.config.history_length) if self.config.history_max else None
+        h = self.config.matching.history
+        self._history = HistoryMax(h) if h is not None else None
 
     def set_config(self, config: CorrAdapterConfig) -> None:
         """Use ``config`` from the next call on; cached matches are dropped if a matching option changed."""
         old, self.config = self.config, config
         if any(getattr(old, f) != getattr(config, f) for f in _MATCHING_FIELDS):
             self._cache.clear()
-            self._history = HistoryMax(config.history_length) if config.history_max else None
+            h = config.matching.history
+            self._history = HistoryMax(h) if h is not None else None
 
     def _step_of(self, call: AttentionCall) -> int:
         """The step within the current generation, read off the taps' step clock (counted from the last
@@ -655,8 +679,8 @@ class CorrAdapter:
         cfg = self.config
         B, V, H, N, _ = q.shape
         targets = other_images(V).tolist()
-        options = cfg.matching_options()
-        hp = H if cfg.heads == "per_head" else 1
+        options = cfg.matcher_kwargs()
+        hp = H if cfg.matching.heads == "per_head" else 1
         index = torch.empty((B, V, hp, V - 1, N), dtype=torch.long, device=q.device)
         kept = torch.empty((B, V, hp, V - 1, N), dtype=torch.bool, device=q.device)
         for b in range(B):
@@ -705,11 +729,8 @@ class CorrAdapter:
         index, kept = self._matches(call, q, k, step, refresh_every)
         if not cfg.history_for_aggregation:
             q, k = call.q, call.k
-        out = corr_adapted_output(
-            call.out, q, k, call.v, index, kept, call.layout.grid, scale=call.scale,
-            radius=cfg.radius, eta=cfg.eta, window=self._window_shape(call), chunk_size=cfg.chunk_size,
-            inplace=True, border=cfg.window_border, unmatched=cfg.unmatched,
-        )
+        att = MatchedAttention(q, k, call.v, index, kept, call.layout.grid, call.scale)
+        out = corr_adapted_output(call.out, att, cfg.aggregation(self._window_shape(call)), inplace=True)
         self.stats["adapted_calls"] += 1
         self.stats["kept"] += int(kept.sum()) * (call.q.shape[2] // kept.shape[2])
         self.stats["total"] += kept.numel() * (call.q.shape[2] // kept.shape[2])
@@ -727,13 +748,7 @@ def _is_video_model(model_or_pipeline: Any) -> bool:
 
 
 def _config(config: CorrAdapterConfig | None, params: dict) -> CorrAdapterConfig:
-    if config is not None and not isinstance(config, CorrAdapterConfig):
-        raise CorrlabError(f"config: expected None or a CorrAdapterConfig, got {describe(config)}")
-    names = {f.name for f in dataclasses.fields(CorrAdapterConfig)}
-    unknown = sorted(set(params) - names)
-    if unknown:
-        raise CorrlabError(f"params: unknown CorrAdapter parameters {unknown}; expected some of {sorted(names)}")
-    return dataclasses.replace(config or CorrAdapterConfig(), **params)
+    return CorrAdapterConfig.build(config, **params)
 
 
 class CorrAdapterHandle:
