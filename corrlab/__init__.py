@@ -22,7 +22,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "probe": ("corrlab.probing", "probe"),
     "ProbeRecord": ("corrlab.probing", "ProbeRecord"),
-    "score_record": ("corrlab.probing", "score_record"),
+    "score_record": ("corrlab.evaluation", "score_record"),
+    "comparison_table": ("corrlab.evaluation", "comparison_table"),
+    "pool_scores": ("corrlab.evaluation", "pool_scores"),
     "corr_adapter": ("corrlab.interventions", "corr_adapter"),
     "segment_transport": ("corrlab.interventions", "segment_transport"),
     "generate_pair": ("corrlab.interventions", "generate_pair"),

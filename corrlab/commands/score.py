@@ -26,8 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--record", help="record file (default: DIR/record.nc)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[1, 2, 5, 10], metavar="PX",
                    help="pixel thresholds (default 1 2 5 10)")
-    p.add_argument("--kind", choices=("symmetric", "line", "sampson"), default="symmetric",
-                   help="epipolar distance (default symmetric)")
+    p.add_argument("--kind", default="symmetric",
+                   help="epipolar distance: one of corrlab.evaluation.DISTANCE_KINDS, symmetric (default), line "
+                   "or sampson (checked when scoring, so the CLI starts without importing torch)")
     p.add_argument("--all-matches", action="store_true", help="score every native match, not only kept ones")
     p.add_argument("--controls", nargs="*", default=["chance", "identity", "appearance"], metavar="NAME",
                    help="trivial matchers (default chance identity appearance; none with an empty list)")
@@ -45,23 +46,14 @@ def score_dir(directory, record=None, thresholds=(1, 2, 5, 10), kind="symmetric"
     """Pooled rows (DataFrame with :data:`ROW_KEYS`) for one probed set directory."""
     from pathlib import Path
 
-    import pandas as pd
-
-    from ..probing import ProbeRecord, pool_scores, score_baselines_on_set, score_controls, score_record
+    from ..evaluation import pool_scores, score_set
+    from ..probing import ProbeRecord
     from ..sets import load_set
 
     mvset = load_set(directory)
     rec = ProbeRecord.load(record or Path(directory) / "record.nc")
-    native = pool_scores(score_record(rec, mvset.cameras, thresholds, kind, kept_only))
-    frames = [native.assign(note="")]
-    if controls:
-        ctrl = score_controls(rec, mvset.images, mvset.cameras, thresholds, kind, controls=list(controls))
-        frames.append(pool_scores(ctrl).assign(note=""))
-    if baselines:
-        base = score_baselines_on_set(mvset, list(baselines), thresholds, kind)
-        frames.append(pool_scores(base, ("method", "layer", "step", "threshold", "note")))
-    df = pd.concat(frames, ignore_index=True)
-    return df[list(ROW_KEYS)]
+    rows = score_set(rec, mvset, thresholds, kind, kept_only, list(controls or ()), list(baselines or ()))
+    return pool_scores(rows, ("method", "layer", "step", "threshold", "note"))[list(ROW_KEYS)]
 
 
 def score_pipeline_dir(directory, record=None, thresholds=(1, 2, 5, 10), kept_only=True):
@@ -166,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(_json_rows(df, FLOW_ROW_KEYS), indent=1))
         else:
-            from ..probing import pool_scores
+            from ..evaluation import pool_scores
 
             pooled = pool_scores(df).drop(columns=["n_pairs"])
             print(pooled.to_string(index=False))

@@ -8,7 +8,7 @@
 Each dashboard is displayed by evaluating it in a cell (``widget`` holds the ipywidgets tree); its
 figures are ``ipywidgets.Image`` widgets holding PNG bytes. Invalid selections show a message.
 """
-from .accuracy import AccuracyDashboard, best_cell
+from .accuracy import AccuracyDashboard
 from .explorer import CorrespondenceExplorer, check_record, token_centres_px
 from .features import QueryKeyCapture, capture_queries_keys
 from .intervention import InterventionPanel, count_model_calls, epipolar_consistency, pair_alignment
@@ -18,7 +18,6 @@ __all__ = [
     "CorrespondenceExplorer",
     "InterventionPanel",
     "QueryKeyCapture",
-    "best_cell",
     "capture_queries_keys",
     "check_record",
     "count_model_calls",
