@@ -474,7 +474,7 @@ def _curves_figure(curves: Sequence[tuple[str, str, pd.DataFrame]], per: str, un
         (h,) = ax_p.plot(rows["threshold"].astype(float), rows["precision"].astype(float), label=label, **style)
         ax_n.plot(rows["threshold"].astype(float), rows["per_unit"].astype(float), **style)
         handles.append(h)
-    ax_p.set(xlabel="epipolar threshold (px)", ylabel="precision (pooled)", ylim=(0, 1.02))
+    ax_p.set(xlabel="epipolar threshold (px)", ylabel="precision", ylim=(0, 1.02))
     ax_n.set(xlabel="epipolar threshold (px)", ylabel=f"correct matches per {per}")
     for ax in (ax_p, ax_n):
         ax.grid(alpha=0.3)
