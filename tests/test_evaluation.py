@@ -242,3 +242,18 @@ def test_a_rescored_record_equals_corrlab_score(case, tmp_path, capsys):
     assert got == want
     assert len(cli) == len(sums) and cli["n_matches"].sum() > 0
     assert main(["score", str(d), "--kind", "euclid", "--baselines"]) == 2  # one distance-kind list, checked
+
+
+def test_comparison_figure_labels_the_in_sample_curve_optimistic():
+    from corrlab import plotting as P
+
+    table = comparison_from_scores(split_table(), select_threshold=5.0)
+    fig = P.comparison_figure(table, title="split")
+    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    optimistic = [k for k in lines if OPTIMISTIC_LABEL in k]
+    assert len(optimistic) == 1 and lines[optimistic[0]].get_linestyle() == ":"
+    held = [k for k in lines if k.startswith("native, held out")]
+    assert len(held) == 1 and lines[held[0]].get_linestyle() == "-"
+    # the plotted held-out precision is the table's (pooled there, not here): exact
+    np.testing.assert_array_equal(lines[held[0]].get_ydata(),
+                                  table[table.method == "native-held-out"].sort_values("threshold")["precision"].to_numpy(float))

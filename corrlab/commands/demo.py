@@ -10,7 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenes", type=int, default=20, help="rendered 4-view scenes for the baseline table (default 20)")
     p.add_argument("--size", type=int, default=128, help="rendered image size (default 128)")
     p.add_argument("--seed", type=int, default=1_000_000, help="first scene seed (held-out range by default)")
-    p.add_argument("--sets", type=int, default=4, help="generated 4-view sets to probe and score (default 4; at least 2: the best (layer, step) of one half is scored on the other)")
+    p.add_argument("--sets", type=int, default=4,
+                   help="generated 4-view sets to probe and score (default 4; at least 2: the best (layer, step) "
+                   "of one half is scored on the other)")
     p.add_argument("--model", default=None, help="model folder or name under data/ (default: the embedded model)")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps (default: the model's default)")
     p.set_defaults(func=run)

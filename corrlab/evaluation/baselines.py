@@ -14,7 +14,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import CorrlabError, check_choice
-from .epipolar import as_geometry, as_score_table, pair_counts, score_rows
+from .epipolar import as_geometry, as_score_table
 from .pooling import pool_scores
 from .schema import DEFAULT_THRESHOLDS, DISTANCE_KINDS, as_set, check_thresholds
 
@@ -65,9 +65,7 @@ def score_baselines_on_set(
             }))
             continue
         for (i, j), m in sorted(results.items()):
-            n, correct = pair_counts(geo.distances(i, j, m.pts0, m.pts1, kind), th)
-            frames.append(score_rows({"method": [name], "src": [i], "tgt": [j], "view_angle": [geo.view_angle(i, j)]},
-                                     n, correct, th))
+            frames.append(geo.score_pair(i, j, m.pts0, m.pts1, th, kind, name))
     return as_score_table(frames, kind)
 
 

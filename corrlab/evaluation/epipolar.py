@@ -68,6 +68,13 @@ class PairGeometry:
             self._angle[key] = float(relative_view_angle(self.cameras[key[0]], self.cameras[key[1]]))
         return self._angle[key]
 
+    def score_pair(self, i: int, j: int, pts_i, pts_j, thresholds: np.ndarray, kind: str, method: str) -> pd.DataFrame:
+        """The per-pair scorer: one row per threshold (method, src, tgt, view_angle, threshold, precision,
+        n_correct, n_matches) of matches ``pts_i (N, 2)`` in view i <-> ``pts_j (N, 2)`` in view j."""
+        n, correct = pair_counts(self.distances(i, j, pts_i, pts_j, kind), thresholds)
+        return score_rows({"method": [method], "src": [i], "tgt": [j], "view_angle": [self.view_angle(i, j)]},
+                          n, correct, thresholds)
+
     def distances(self, i: int, j: int, pts_i, pts_j, kind: str = "symmetric") -> np.ndarray:
         """``(N,)`` epipolar distances (pixels) of matches ``pts_i (N, 2)`` in view i <-> ``pts_j (N, 2)`` in view j."""
         if len(pts_i) == 0:
@@ -211,9 +218,7 @@ def score_matches(
         if pts_i.shape != pts_j.shape:
             raise ShapeError(f"matches_by_pair[{key!r}]: expected pts_i and pts_j of one shape, got "
                              f"{describe(pts_i)} and {describe(pts_j)}")
-        n, correct = pair_counts(geo.distances(i, j, pts_i, pts_j, kind), th)
-        frames.append(score_rows({"method": [method], "src": [i], "tgt": [j], "view_angle": [geo.view_angle(i, j)]},
-                                 n, correct, th))
+        frames.append(geo.score_pair(i, j, pts_i, pts_j, th, kind, method))
     return as_score_table(frames, kind)
 
 
@@ -243,7 +248,5 @@ def score_token_matches(
             if i == j:
                 continue
             ok = idx[i, j] >= 0
-            n, correct = pair_counts(geo.distances(i, j, c[ok], c[idx[i, j][ok]], kind), th)
-            frames.append(score_rows({"method": [method], "src": [i], "tgt": [j], "view_angle": [geo.view_angle(i, j)]},
-                                     n, correct, th))
+            frames.append(geo.score_pair(i, j, c[ok], c[idx[i, j][ok]], th, kind, method))
     return as_score_table(frames, kind)

@@ -34,15 +34,8 @@ import numpy as np
 from ..errors import CorrlabError, ShapeError, ValueRangeError, describe
 from ..geometry.epipolar import DISTANCE_KINDS
 
-__all__ = [
-    "DEFAULT_THRESHOLDS",
-    "DISTANCE_KINDS",
-    "SCORE_COLUMNS",
-    "KEY_COLUMNS",
-    "SET_COLUMN",
-    "check_thresholds",
-    "check_table",
-]
+__all__ = ["SCORE_COLUMNS", "KEY_COLUMNS", "SET_COLUMN", "DEFAULT_THRESHOLDS", "DISTANCE_KINDS", "check_thresholds",
+           "check_table", "as_record", "as_set"]
 
 #: Default pixel thresholds of every scorer. 1 and 2 px are sub-token accuracy, 5 px selects the best
 #: (layer, step) (:func:`~corrlab.evaluation.selection.best_layer_step`), and 10 px is about one token of
