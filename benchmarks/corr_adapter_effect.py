@@ -6,7 +6,7 @@ the same noise. Consistency of every generation is measured two ways, under the 
 (symmetric epipolar distance, pixels):
 
 * SIFT: ``corrlab.baselines.match_sift`` on every pair of views, precision at 1, 2 and 5 px
-  (``corrlab.metrics.score_matches``; pooled per set: correct / matches over its pairs);
+  (``corrlab.evaluation.score_matches``; pooled per set: correct / matches over its pairs);
 * native correspondences: ``corrlab.probe`` on --probe-layer at --probe-steps during the same generation
   (default matching: softmax, per head, global confidence >= 0.05), scored with
   ``corrlab.probing.score_record`` (kept matches, pooled per set over pairs, heads and probed steps).
@@ -41,9 +41,8 @@ from tqdm.auto import tqdm
 import corrlab
 from corrlab.baselines import match_sift
 from corrlab.interventions import CorrAdapterConfig, CorrAdapterHandle
-from corrlab.metrics import score_matches
+from corrlab.evaluation import pool_scores, score_matches, score_record
 from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, CorrlabPipeline, MultiViewDiT, load_default
-from corrlab.probing import score_record
 from corrlab.scenes import VOCABULARY
 
 THRESHOLDS = (1.0, 2.0, 5.0)
@@ -73,14 +72,12 @@ def sift_precision(images: torch.Tensor, cameras) -> pd.DataFrame:
     """Pooled SIFT precision of one set: one row per threshold (precision, n_correct, n_matches)."""
     V = images.shape[0]
     pairs = {(i, j): match_sift(images[i], images[j]) for i in range(V) for j in range(i + 1, V)}
-    df = score_matches(pairs, cameras, thresholds=THRESHOLDS, method="sift")
-    return df.groupby("threshold", as_index=False)[["n_correct", "n_matches"]].sum()
+    return pool_scores(score_matches(pairs, cameras, thresholds=THRESHOLDS, method="sift"), ("threshold",))
 
 
 def native_precision(rec, cameras) -> pd.DataFrame:
     """Pooled epipolar precision of a probe record's kept native matches: one row per threshold."""
-    df = score_record(rec, cameras=cameras, thresholds=THRESHOLDS)
-    return df.groupby("threshold", as_index=False)[["n_correct", "n_matches"]].sum()
+    return pool_scores(score_record(rec, cameras=cameras, thresholds=THRESHOLDS), ("threshold",))
 
 
 def run_one(pipe, prompt, seed, args, probe_steps, adapter: CorrAdapterHandle | None) -> tuple[list[dict], torch.Tensor]:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from corrlab.baselines import match_sift
 from corrlab.io_utils import atomic_write_bytes
-from corrlab.metrics import score_matches
+from corrlab.evaluation import pool_scores, score_matches
 from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, MultiViewDiT, load_default
 from corrlab.model.adherence import dominant_colour_word
 from corrlab.model.native import (
@@ -103,9 +103,7 @@ def consistency(pipe, n_sets: int, steps: int, guidance: float, seed_start: int,
 
 
 def pool_consistency(df: pd.DataFrame) -> pd.DataFrame:
-    g = df.groupby(["method", "threshold"])
-    out = g.agg(n_correct=("n_correct", "sum"), n_matches=("n_matches", "sum"), pairs=("n_matches", "size")).reset_index()
-    out["precision"] = out["n_correct"] / out["n_matches"].where(out["n_matches"] > 0)
+    out = pool_scores(df, ("method", "threshold")).rename(columns={"n_pairs": "pairs"})
     out["correct_per_pair"] = out["n_correct"] / out["pairs"]
     return out
 

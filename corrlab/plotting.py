@@ -9,8 +9,8 @@ numpy); pixel ``(x, y)`` has the centre of the top-left pixel at ``(0, 0)``, so 
 with ``extent = (-0.5, W - 0.5, H - 0.5, -0.5)`` (row 0 at the top) and points / lines are drawn in
 pixels unchanged. A token heat map ``(h, w)`` is stretched over the same extent, so token
 ``(row, col)`` covers pixels ``[row * p, (row + 1) * p)`` as in the model's layout.
-Result tables are tidy pandas DataFrames with the probing score columns
-``method, layer, step, threshold, precision, n_correct, n_matches``.
+Result tables are the tidy score tables of :mod:`corrlab.evaluation` (at least
+:data:`corrlab.evaluation.KEY_COLUMNS`); every pooled number is pooled there (``pool_scores``), never here.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from .errors import CorrlabError, ShapeError, ValueRangeError, check_finite, des
 from .probing.layouts import layer_sort_key  # the one layer order (forward order), re-exported for the widgets
 
 __all__ = [
-    "SCORE_COLUMNS",
     "as_image_array",
     "figure_to_png",
     "show_image",
@@ -41,11 +40,10 @@ __all__ = [
     "accuracy_grid",
     "accuracy_heatmap_figure",
     "precision_curves_figure",
+    "comparison_figure",
     "metric_comparison_figure",
     "message_figure",
 ]
-
-SCORE_COLUMNS = ("method", "layer", "step", "threshold", "precision", "n_correct", "n_matches")
 
 KEPT_COLOUR = "#1a9850"  # green
 REJECTED_COLOUR = "#d73027"  # red
@@ -382,13 +380,10 @@ def token_similarity(query: Any, keys: Any, scale: float | None = None) -> np.nd
 
 
 # ---------------------------------------------------------------------------- accuracy
-def _check_table(name: str, table: Any, columns: Sequence[str]) -> pd.DataFrame:
-    if not isinstance(table, pd.DataFrame):
-        raise CorrlabError(f"{name}: expected a pandas DataFrame with columns {list(columns)}, got {describe(table)}")
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise CorrlabError(f"{name}: expected columns {list(columns)}, missing {missing} (got {list(table.columns)})")
-    return table
+def _check_table(name: str, table: Any, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    from .evaluation.schema import KEY_COLUMNS, check_table
+
+    return check_table(name, table, KEY_COLUMNS if columns is None else columns)
 
 
 def _nearest_threshold(table: pd.DataFrame, threshold: float) -> float:
@@ -405,11 +400,13 @@ def accuracy_grid(table: pd.DataFrame, threshold: float, value: str = "precision
                   method: str = "native") -> pd.DataFrame:
     """Layer x step grid of ``value`` at ``threshold`` for ``method`` (rows naturally sorted layers).
 
-    ``table`` is a tidy score table (:data:`SCORE_COLUMNS`, one row per view pair / set and cell).
-    Rows of one (layer, step) are pooled: ``precision = sum n_correct / sum n_matches`` (NaN without
-    matches), ``n_correct`` and ``n_matches`` are summed.
+    ``table`` is a score table (:data:`corrlab.evaluation.KEY_COLUMNS`, one row per view pair / set and
+    cell); each (layer, step) is pooled by :func:`corrlab.evaluation.pool_scores` (precision NaN without
+    matches, counts summed).
     """
-    _check_table("table", table, SCORE_COLUMNS)
+    from .evaluation import pool_scores
+
+    _check_table("table", table)
     if value not in ("precision", "n_correct", "n_matches"):
         raise CorrlabError(f"value: expected 'precision', 'n_correct' or 'n_matches', got {value!r}")
     sub = table[table["method"] == method]
@@ -417,14 +414,10 @@ def accuracy_grid(table: pd.DataFrame, threshold: float, value: str = "precision
         raise CorrlabError(f"method: expected one of {sorted(table['method'].unique())}, got {method!r}")
     thr = _nearest_threshold(sub, threshold)
     sub = sub[np.isclose(sub["threshold"].astype(float), thr)]
-    sub = sub.assign(step=sub["step"].astype(np.int64), layer=sub["layer"].astype(str))
-    sums = sub.groupby(["layer", "step"])[["n_correct", "n_matches"]].sum()
-    if value == "precision":
-        cells = sums["n_correct"] / sums["n_matches"].where(sums["n_matches"] > 0)
-    else:
-        cells = sums[value]
-    grid = cells.unstack("step").astype(float)
+    pooled = pool_scores(sub.assign(step=sub["step"].astype(np.int64), layer=sub["layer"].astype(str)), ("layer", "step"))
+    grid = pooled.assign(step=pooled["step"].astype(np.int64)).pivot(index="layer", columns="step", values=value).astype(float)
     grid = grid.reindex(sorted(grid.index, key=layer_sort_key))
+    grid.columns.name = "step"
     return grid.reindex(columns=sorted(grid.columns))
 
 
@@ -460,60 +453,110 @@ def accuracy_heatmap_figure(table: pd.DataFrame, threshold: float, value: str = 
     return fig
 
 
-def precision_curves_figure(table: pd.DataFrame, native: Sequence[tuple[Any, Any]] = (),
-                            title: str | None = None) -> Figure:
-    """Precision and correct-match count vs threshold: native (layer, step) cells and every baseline.
+#: Line style of each kind of curve: measured native numbers solid, in-sample (optimistic) ones dotted,
+#: baselines and controls dashed.
+CURVE_STYLES = {"native": "-", "optimistic": ":", "baseline": "--"}
 
-    Args:
-        table: tidy score table (:data:`SCORE_COLUMNS`); rows with ``method != "native"`` are
-            baselines (their layer/step are ignored), drawn dashed.
-        native: ``(layer, step)`` cells of the native method to draw (e.g. the best and a chosen one).
-    """
-    import seaborn as sns
 
-    _check_table("table", table, SCORE_COLUMNS)
-    parts = []
-    nat = table[table["method"] == "native"]
-    for layer, step in native:
-        cell = nat[(nat["layer"] == layer) & (nat["step"] == step)]
-        if cell.empty:
-            raise CorrlabError(f"native: expected (layer, step) cells present in the table, got ({layer!r}, {step!r})")
-        parts.append(cell.assign(curve=f"native {layer} @ step {step}", kind="native"))
-    base = table[table["method"] != "native"]
-    precision = pd.to_numeric(base["precision"], errors="coerce")
-    unavailable = sorted(set(base["method"]) - set(base.loc[precision.notna(), "method"]))
-    base = base[~base["method"].isin(unavailable)]
-    if not base.empty:
-        parts.append(base.assign(curve=base["method"].astype(str), kind="baseline"))
-    if not parts:
-        raise CorrlabError("table, native: expected baseline rows or at least one native (layer, step), got neither")
-    data = pd.concat(parts, ignore_index=True)
-    data["threshold"] = data["threshold"].astype(float)
-    fig = Figure(figsize=(10, 3.8), layout="constrained")
+def _curves_figure(curves: Sequence[tuple[str, str, pd.DataFrame]], per: str, unavailable: Sequence[str],
+                   title: str | None) -> Figure:
+    """Precision and correct matches ``per`` unit vs threshold: one line per ``(label, style kind, pooled
+    rows with threshold, precision and the count column "per_unit")``."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
     ax_p, ax_n = fig.subplots(1, 2)
-    sns.lineplot(data=data, x="threshold", y="precision", hue="curve", style="kind", markers=True,
-                 dashes={"native": "", "baseline": (4, 2)}, errorbar=("ci", 95), n_boot=300, seed=0, ax=ax_p)
-    sns.lineplot(data=data, x="threshold", y="n_correct", hue="curve", style="kind", markers=True,
-                 dashes={"native": "", "baseline": (4, 2)}, errorbar=("ci", 95), n_boot=300, seed=0, ax=ax_n, legend=False)
-    ax_p.set_ylim(0, 1.02)
-    ax_p.set_xlabel("epipolar threshold (px)")
-    ax_n.set_xlabel("epipolar threshold (px)")
-    ax_p.set_ylabel("precision")
-    ax_n.set_ylabel("correct matches per view pair")
-    ax_p.grid(alpha=0.3)
-    ax_n.grid(alpha=0.3)
-    legend = ax_p.get_legend()
-    if legend is not None:
-        handles, labels = ax_p.get_legend_handles_labels()
-        keep = [(h, l) for h, l in zip(handles, labels) if l not in ("curve", "kind", "native", "baseline")]
-        legend.remove()
-        fig.legend([h for h, _ in keep], [l for _, l in keep], loc="outside right upper", fontsize=8, frameon=False)
+    from matplotlib import rcParams
+
+    colours = [c["color"] for c in rcParams["axes.prop_cycle"]]
+    handles = []
+    for k, (label, kind, rows) in enumerate(curves):
+        rows = rows.sort_values("threshold")
+        style = dict(color=colours[k % len(colours)], ls=CURVE_STYLES[kind], marker="o", ms=4, lw=1.6)
+        (h,) = ax_p.plot(rows["threshold"].astype(float), rows["precision"].astype(float), label=label, **style)
+        ax_n.plot(rows["threshold"].astype(float), rows["per_unit"].astype(float), **style)
+        handles.append(h)
+    ax_p.set(xlabel="epipolar threshold (px)", ylabel="precision", ylim=(0, 1.02))
+    ax_n.set(xlabel="epipolar threshold (px)", ylabel=f"correct matches per {per}")
+    for ax in (ax_p, ax_n):
+        ax.grid(alpha=0.3)
+    if handles:
+        fig.legend(handles, [h.get_label() for h in handles], loc="outside right upper", fontsize=8, frameon=False)
     if unavailable:
         fig.supxlabel(f"no scores (unavailable or no matches): {', '.join(map(str, unavailable))}",
                       fontsize=8, color="dimgray")
     if title:
         _title(fig, title)
     return fig
+
+
+def precision_curves_figure(table: pd.DataFrame, native: Sequence[tuple[Any, Any]] = (),
+                            title: str | None = None, curves: Mapping[str, Any] | None = None) -> Figure:
+    """Pooled precision and correct matches per view pair vs threshold: native curves and every baseline.
+
+    Args:
+        table: score table (:data:`corrlab.evaluation.KEY_COLUMNS`, per-pair rows); rows with
+            ``method != "native"`` are baselines / controls (their layer/step are ignored), drawn dashed.
+        native: ``(layer, step)`` cells of the native method to draw, labelled ``native LAYER @ step STEP``.
+        curves: more native curves, ``{label: per-pair rows}`` (e.g. held-out rows from
+            :func:`corrlab.evaluation.held_out_scores`); a label containing "optimistic" is drawn dotted.
+
+    Every curve is pooled over its rows by :func:`corrlab.evaluation.pool_scores`.
+    """
+    from .evaluation import pool_scores
+
+    _check_table("table", table)
+    parts: list[tuple[str, str, pd.DataFrame]] = []
+
+    def add(label: str, kind: str, rows: pd.DataFrame, by=("threshold",)) -> None:
+        pooled = pool_scores(rows, by)
+        parts.append((label, kind, pooled.assign(per_unit=pooled["n_correct"] / pooled["n_pairs"])))
+
+    nat = table[table["method"] == "native"]
+    for layer, step in native:
+        cell = nat[(nat["layer"] == layer) & (nat["step"] == step)]
+        if cell.empty:
+            raise CorrlabError(f"native: expected (layer, step) cells present in the table, got ({layer!r}, {step!r})")
+        add(f"native {layer} @ step {step}", "native", cell)
+    for label, rows in (curves or {}).items():
+        _check_table(f"curves[{label!r}]", rows)
+        if len(rows):
+            add(str(label), "optimistic" if "optimistic" in str(label) else "native", rows)
+    base = table[table["method"] != "native"]
+    unavailable = []
+    if not base.empty:
+        pooled = pool_scores(base, ("method", "threshold"))
+        has = pooled.groupby("method", sort=False)["n_matches"].sum() > 0
+        unavailable = sorted(str(m) for m in has.index[~has.values])
+        for method in has.index[has.values]:
+            add(str(method), "baseline", base[base["method"] == method])
+    if not parts:
+        raise CorrlabError("table, native: expected baseline rows or at least one native (layer, step), got neither")
+    return _curves_figure(parts, "view pair", unavailable, title)
+
+
+def comparison_figure(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """Precision and correct matches per generated set vs epipolar threshold, one line per method.
+
+    ``table`` is :func:`corrlab.evaluation.comparison_table`'s (already pooled; nothing is pooled here).
+    ``native-held-out`` is drawn solid, ``native-best-in-sample`` dotted and labelled optimistic, controls
+    and baselines dashed; methods without matches (unavailable baselines) are named under the plot.
+    """
+    _check_table("table", table, ("method", "layer", "step", "threshold", "precision", "n_correct", "n_matches", "n_sets"))
+    has = table.groupby("method", sort=False)["n_matches"].sum() > 0
+    missing = [str(m) for m in has.index[~has.values]]
+    parts = []
+    for method in has.index[has.values]:
+        rows = table[table["method"] == method]
+        lay, st = rows["layer"].iloc[0], rows["step"].iloc[0]
+        cell = f"{lay} @ step {st}" if isinstance(lay, str) else None
+        kind = "native" if str(method).startswith("native") else "baseline"
+        if method == "native-held-out":
+            label = f"native, held out ({cell})" if cell else "native, held out (cell chosen per fold)"
+        elif method == "native-best-in-sample":
+            label, kind = f"native best, optimistic (in-sample) ({cell})", "optimistic"
+        else:
+            label = f"{method} ({cell})" if cell else str(method)
+        parts.append((label, kind, rows.assign(per_unit=rows["n_correct"] / rows["n_sets"])))
+    return _curves_figure(parts, "generated set", missing, title)
 
 
 def metric_comparison_figure(table: pd.DataFrame, x: str = "metric", y: str = "value", hue: str = "condition",

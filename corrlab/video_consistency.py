@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from .errors import CorrlabError, ShapeError, ValueRangeError, check_choice, describe
+from .evaluation.schema import DEFAULT_THRESHOLDS
 
 __all__ = [
     "FRAME_FEATURES",
@@ -295,7 +296,7 @@ def latent_frame_indices(num_latent_frames: int, num_frames: int, temporal_scale
 def score_record_flow(
     rec,
     frames: Any,
-    thresholds: Sequence[float] = (1, 2, 5, 10),
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     fb_threshold: float = 1.0,
     kept_only: bool = True,
     preset: str = "medium",

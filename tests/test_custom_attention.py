@@ -430,13 +430,13 @@ def row_wise_record(num_images: int = 3):
 def test_scoring_a_row_wise_layer_knows_the_row_constraint():
     import warnings
 
-    from corrlab.probing.scoring import RowConstraintWarning, _rows_are_epipolar, score_record
+    from corrlab.evaluation.native import RowConstraintWarning, rows_are_epipolar, score_record
     from corrlab.scenes.cameras import orbit_camera
 
     ortho = [orbit_camera(a, 0.0, 2.0, 64, model="orthographic") for a in (0, 45, 90)]
     persp = [orbit_camera(a, 0.0, 2.0, 64) for a in (0, 45, 90)]
     elevated = [orbit_camera(a, 20.0, 2.0, 64, model="orthographic") for a in (0, 45, 90)]
-    assert _rows_are_epipolar(ortho) and not _rows_are_epipolar(persp) and not _rows_are_epipolar(elevated)
+    assert rows_are_epipolar(ortho) and not rows_are_epipolar(persp) and not rows_are_epipolar(elevated)
     rec = row_wise_record()
     with pytest.warns(RowConstraintWarning, match="orthographic views at elevation 0"):
         df = score_record(rec, cameras=persp)

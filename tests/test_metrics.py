@@ -1,4 +1,4 @@
-"""Metrics on constructed matches with known epipolar distances."""
+"""corrlab.evaluation on constructed matches with known epipolar distances: score_matches, pck, pool_scores."""
 from __future__ import annotations
 
 import math
@@ -15,7 +15,7 @@ import torch
 
 from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
 from corrlab.geometry import Camera, fundamental_matrix
-from corrlab.metrics import epipolar_scores, pck, score_matches, summarise
+from corrlab.evaluation import DEFAULT_THRESHOLDS, SCORE_COLUMNS, epipolar_scores, pck, pool_scores, score_matches
 
 
 def _K(f=100.0):
@@ -90,34 +90,29 @@ def test_pck_with_valid_mask():
         pck(pred, gt[:2])
 
 
-def test_score_matches_and_summarise_pool_over_pairs():
+def test_score_matches_and_pool_scores_pool_over_pairs():
     cams = _cameras()
     a1, a2 = _matches(OFFSETS, seed=1)  # 5 matches, 2 within 1 px (line)
     b1, b2 = _matches(np.array([0.2, 0.3, 7.0]), seed=2)  # 3 matches, 2 within 1 px
     by_pair = {(0, 1): (a1, a2), (1, 2): FakeMatches(b1, b2), (0, 2): (np.zeros((0, 2)), np.zeros((0, 2)))}
     df = score_matches(by_pair, cams, thresholds=(1, 5), kind="line", method="sift")
-    assert list(df.columns) == [
-        "method", "src", "tgt", "view_angle", "threshold", "precision", "n_correct", "n_matches", "kind"
-    ]
+    assert list(df.columns) == list(SCORE_COLUMNS)
+    assert df["layer"].isna().all() and df["step"].isna().all() and (df["note"] == "").all()
     assert len(df) == 6
     row = df[(df.src == 1) & (df.tgt == 2) & (df.threshold == 1)].iloc[0]
     assert row.n_correct == 2 and row.n_matches == 3 and row.precision == pytest.approx(2 / 3)
     # R = I for all three cameras: angle 0 up to arccos's rounding near 1 (sqrt(2 * 2^-52) rad ~ 1e-6 deg)
     np.testing.assert_allclose(df["view_angle"], 0.0, rtol=0, atol=1e-5)
 
-    summary = summarise(df)
-    assert list(summary.columns) == [
-        "method", "threshold", "precision", "precision_mean", "precision_std", "n_correct", "n_matches", "n_pairs", "kind"
-    ]
+    summary = pool_scores(df, by=("method", "threshold"))
+    assert list(summary.columns) == ["method", "threshold", "precision", "n_correct", "n_matches", "n_pairs", "kind"]
     assert (summary["kind"] == "line").all()
     at1 = summary[summary.threshold == 1].iloc[0]
     assert at1.n_correct == 4 and at1.n_matches == 8 and at1.n_pairs == 3
-    assert at1.precision == pytest.approx(4 / 8)  # pooled
-    assert at1.precision_mean == pytest.approx((2 / 5 + 2 / 3) / 2)  # over pairs with matches
-    assert at1.precision_std == pytest.approx(np.std([2 / 5, 2 / 3], ddof=1))
+    assert at1.precision == pytest.approx(4 / 8)  # pooled: a ratio of exact counts, one float division
 
 
-def test_summarise_refuses_to_pool_distance_kinds_and_plots_in_one_line():
+def test_pool_scores_refuses_to_pool_distance_kinds_and_plots_in_one_line():
     cams = _cameras()
     m = {(0, 1): _matches()}
     df = pd.concat(
@@ -125,9 +120,9 @@ def test_summarise_refuses_to_pool_distance_kinds_and_plots_in_one_line():
         ignore_index=True,
     )
     with pytest.raises(CorrlabError, match="kind"):
-        summarise(df)
-    summary = summarise(df, by=["method", "kind", "threshold"])
-    assert len(summary) == 6
+        pool_scores(df, by=("method", "threshold"))
+    summary = pool_scores(df, by=["method", "kind", "threshold"])
+    assert len(summary) == 2 * len(DEFAULT_THRESHOLDS)
     import seaborn as sns
 
     ax = sns.lineplot(summary, x="threshold", y="precision", hue="kind")
@@ -140,7 +135,7 @@ def test_score_matches_bad_input():
         score_matches({(0, 3): _matches()}, cams)
     with pytest.raises(CorrlabError, match="matches_by_pair"):
         score_matches({(0, 1): np.zeros((3, 2))}, cams)
-    with pytest.raises(ShapeError, match="pts2"):
+    with pytest.raises(ShapeError, match="pts_j"):
         score_matches({(0, 1): (np.zeros((3, 2)), np.zeros((2, 2)))}, cams)
     with pytest.raises(ValueRangeError, match="thresholds"):
         score_matches({(0, 1): _matches()}, cams, thresholds=(-1,))

@@ -15,7 +15,8 @@ from corrlab.errors import CorrlabError, WeightsNotFoundError
 from corrlab.interventions import corr_adapter, segment_transport
 from corrlab.interventions.velocity_adapters import FluxVelocity, WanVelocity, pack_latents, unpack_latents
 from corrlab.pipelines import MultiViewUNetPipeline, UnsupportedPipelineError, check_supported
-from corrlab.probing import probe, score_record
+from corrlab.evaluation import score_record
+from corrlab.probing import probe
 from corrlab.probing.extended_attention import MultiViewAttnProcessor, extended_attention
 from corrlab.tiny_pipelines import TINY_CALL
 

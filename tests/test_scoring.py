@@ -1,4 +1,4 @@
-"""Scoring native matches, controls and baselines on a scene whose geometry is known exactly.
+"""corrlab.evaluation: native matches, controls and baselines scored on a scene whose geometry is known exactly.
 
 Three cameras on a line (pure x translation, same K): epipolar lines are image rows, and a
 fronto-parallel plane at depth 4 moves by 8 px (one 8-px token) per unit of baseline.
@@ -15,17 +15,15 @@ import corrlab.baselines
 from corrlab.errors import CorrlabError, ValueRangeError
 from corrlab.geometry import Camera
 from corrlab.geometry.epipolar import fundamental_matrix
-from corrlab.metrics import epipolar_scores
-from corrlab.probing import (
-    ProbeRecord,
-    RecordBuilder,
+from corrlab.evaluation import (
     comparison_table,
-    control_matches,
+    epipolar_scores,
     pck_record,
     score_baselines_on_set,
     score_controls,
     score_record,
 )
+from corrlab.probing import ProbeRecord, RecordBuilder, control_matches
 from corrlab.sets import MultiViewSet, save_set
 
 SIZE, GRID, PITCH = 32, (4, 4), 8
@@ -187,9 +185,13 @@ def test_comparison_table(tmp_path):
                              baselines=("sift",), progress=False)
     assert list(table.columns) == ["method", "layer", "step", "threshold", "precision", "n_correct", "n_matches",
                                    "n_sets", "note"]
-    best = table[table.method == "native-best"]
+    best = table[table.method == "native-best-in-sample"]
     assert best["layer"].unique().tolist() == ["good"] and np.allclose(best["precision"], 1.0, rtol=0, atol=1e-12)
     assert best["n_matches"].iloc[0] == 2 * 6 * 32  # sets x pairs x (heads x tokens), one step
+    assert best["note"].str.startswith("optimistic (in-sample)").all()
+    held = table[table.method == "native-held-out"]  # "good" is perfect in both sets: both halves choose it
+    assert held["layer"].unique().tolist() == ["good"] and np.allclose(held["precision"], 1.0, rtol=0, atol=1e-12)
+    assert held["n_matches"].iloc[0] == 2 * 6 * 32 and held["note"].str.startswith("held out").all()
     chosen = table[table.method == "native-chosen"].set_index("threshold")["precision"]
     assert chosen[5.0] == pytest.approx(0.25) and chosen[10.0] == pytest.approx(1.0)
     ident = table[table.method == "identity"].set_index("threshold")["precision"]
@@ -197,6 +199,10 @@ def test_comparison_table(tmp_path):
     assert {"chance", "sift"} <= set(table["method"]) and (table["n_sets"] == 2).all()
     with pytest.raises(ValueRangeError, match="select_threshold"):
         comparison_table(dirs, thresholds=(1, 2), baselines=(), progress=False)
+    with pytest.raises(CorrlabError, match="at least 2 scenes"):
+        comparison_table(dirs[:1], thresholds=(1, 5), baselines=(), progress=False)
+    one = comparison_table(dirs[:1], thresholds=(1, 5), baselines=(), selection="in-sample", progress=False)
+    assert "native-held-out" not in set(one["method"]) and "native-best-in-sample" in set(one["method"])
 
 
 def test_probe_rendered_then_pck():

@@ -21,7 +21,6 @@ from corrlab.widgets import (
     AccuracyDashboard,
     CorrespondenceExplorer,
     InterventionPanel,
-    best_cell,
     check_record,
     count_model_calls,
     epipolar_consistency,
@@ -248,9 +247,11 @@ def score_table() -> pd.DataFrame:
 
 
 def test_best_cell_pools_and_prefers_precision():
-    assert best_cell(score_table(), 2.0) == ("blocks.1.attn", 2)
+    from corrlab.evaluation import best_layer_step
+
+    assert best_layer_step(score_table(), 2.0) == ("blocks.1.attn", 2)
     with pytest.raises(CorrlabError, match="threshold"):
-        best_cell(score_table(), 4.0)
+        best_layer_step(score_table(), 4.0)
 
 
 def test_accuracy_dashboard_follows_threshold_and_jumps_to_the_explorer(probed):

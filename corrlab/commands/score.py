@@ -24,10 +24,11 @@ def register(subparsers) -> None:
                    "optical flow (keys method, layer, step, src, tgt, threshold, precision, n_correct, n_matches, "
                    "n_flow_valid, kind)")
     p.add_argument("--record", help="record file (default: DIR/record.nc)")
-    p.add_argument("--thresholds", nargs="+", type=float, default=[1, 2, 5, 10], metavar="PX",
-                   help="pixel thresholds (default 1 2 5 10)")
-    p.add_argument("--kind", choices=("symmetric", "line", "sampson"), default="symmetric",
-                   help="epipolar distance (default symmetric)")
+    p.add_argument("--thresholds", nargs="+", type=float, default=None, metavar="PX",
+                   help="pixel thresholds (default: corrlab.evaluation.DEFAULT_THRESHOLDS, 1 2 5 10)")
+    p.add_argument("--kind", default="symmetric",
+                   help="epipolar distance: one of corrlab.evaluation.DISTANCE_KINDS, symmetric (default), line "
+                   "or sampson (checked when scoring, so the CLI starts without importing torch)")
     p.add_argument("--all-matches", action="store_true", help="score every native match, not only kept ones")
     p.add_argument("--controls", nargs="*", default=["chance", "identity", "appearance"], metavar="NAME",
                    help="trivial matchers (default chance identity appearance; none with an empty list)")
@@ -40,37 +41,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def score_dir(directory, record=None, thresholds=(1, 2, 5, 10), kind="symmetric", kept_only=True,
+def score_dir(directory, record=None, thresholds=None, kind="symmetric", kept_only=True,
               controls=("chance", "identity", "appearance"), baselines=("sift", "superpoint", "disk+lightglue")):
-    """Pooled rows (DataFrame with :data:`ROW_KEYS`) for one probed set directory."""
+    """Pooled rows (DataFrame with :data:`ROW_KEYS`) for one probed set directory (``thresholds`` None:
+    :data:`corrlab.evaluation.DEFAULT_THRESHOLDS`)."""
     from pathlib import Path
 
-    import pandas as pd
-
-    from ..probing import ProbeRecord, pool_scores, score_baselines_on_set, score_controls, score_record
+    from ..evaluation import DEFAULT_THRESHOLDS, pool_scores, score_set
+    from ..probing import ProbeRecord
     from ..sets import load_set
 
     mvset = load_set(directory)
     rec = ProbeRecord.load(record or Path(directory) / "record.nc")
-    native = pool_scores(score_record(rec, mvset.cameras, thresholds, kind, kept_only))
-    frames = [native.assign(note="")]
-    if controls:
-        ctrl = score_controls(rec, mvset.images, mvset.cameras, thresholds, kind, controls=list(controls))
-        frames.append(pool_scores(ctrl).assign(note=""))
-    if baselines:
-        base = score_baselines_on_set(mvset, list(baselines), thresholds, kind)
-        frames.append(pool_scores(base, ("method", "layer", "step", "threshold", "note")))
-    df = pd.concat(frames, ignore_index=True)
-    return df[list(ROW_KEYS)]
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    rows = score_set(rec, mvset, thresholds, kind, kept_only, list(controls or ()), list(baselines or ()))
+    return pool_scores(rows, ("method", "layer", "step", "threshold", "note"))[list(ROW_KEYS)]
 
 
-def score_pipeline_dir(directory, record=None, thresholds=(1, 2, 5, 10), kept_only=True):
+def score_pipeline_dir(directory, record=None, thresholds=None, kept_only=True):
     """Frame-to-frame rows (:data:`FLOW_ROW_KEYS`) of a video probed through a diffusers pipeline: every
     recorded (layer, step, src frame, tgt frame) against DIS optical flow between the frames the record's
     latent frames stand for (see :func:`corrlab.video_consistency.score_record_flow`)."""
     from pathlib import Path
 
     from ..errors import CorrlabError
+    from ..evaluation import DEFAULT_THRESHOLDS
     from ..pipelines import load_pipeline_output
     from ..probing import ProbeRecord
     from ..video_consistency import score_record_flow
@@ -83,7 +78,8 @@ def score_pipeline_dir(directory, record=None, thresholds=(1, 2, 5, 10), kept_on
         )
     rec = ProbeRecord.load(record or Path(directory) / "record.nc")
     picks = header.get("record_frames") or list(range(rec.num_images))
-    df = score_record_flow(rec, frames[picks], thresholds, kept_only=kept_only)
+    df = score_record_flow(rec, frames[picks], DEFAULT_THRESHOLDS if thresholds is None else thresholds,
+                           kept_only=kept_only)
     df["src"] = [picks[i] for i in df["src"]]  # video frame numbers
     df["tgt"] = [picks[i] for i in df["tgt"]]
     return df[list(FLOW_ROW_KEYS)]
@@ -166,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(_json_rows(df, FLOW_ROW_KEYS), indent=1))
         else:
-            from ..probing import pool_scores
+            from ..evaluation import pool_scores
 
             pooled = pool_scores(df).drop(columns=["n_pairs"])
             print(pooled.to_string(index=False))

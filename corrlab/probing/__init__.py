@@ -1,10 +1,11 @@
-"""Native correspondences inside multi-image attention: matcher, taps, probe, records, scoring.
+"""Native correspondences inside multi-image attention: matcher, taps, probe, records (capture only;
+scores are in :mod:`corrlab.evaluation`).
 
 >>> import corrlab
 >>> corrlab.probe.layers(pipe)                                   # doctest: +SKIP
 >>> with corrlab.probe(pipe, layers=["blocks.7.attn"]) as rec:    # doctest: +SKIP
 ...     mvs = pipe("red striped box", seed=0)
->>> score_record(rec)      # the set's cameras were recorded by the probe   # doctest: +SKIP
+>>> corrlab.evaluation.score_record(rec)   # the set's cameras were recorded by the probe   # doctest: +SKIP
 """
 from .custom import ProjectionSpec, register_attention_module, register_family, unregister_attention_module, unregister_family
 from .controls import CONTROLS, appearance_matches, chance_matches, control_matches, identity_matches
@@ -12,18 +13,7 @@ from .matcher import DEFAULT_CHUNK_SIZE, HistoryMax, MatchingOptions, TokenMatch
 from .row_attention import RowWiseMultiViewAttnProcessor, row_wise_attention_processors
 from .recording import ProbeRecorder, probe
 from .record import ProbeRecord, RecordBuilder
-from .scoring import (
-    DEFAULT_THRESHOLDS,
-    best_layer_step,
-    comparison_table,
-    pck_record,
-    pool_scores,
-    probe_rendered,
-    score_baselines_on_set,
-    score_controls,
-    score_record,
-    score_token_matches,
-)
+from .runs import COMPARISON_MATCHING, probe_generations, probe_rendered
 from .taps import AttentionCall, AttentionTaps, LayerInfo, StepClock, TokenLayout, list_layers
 from .attention_cache import AttentionCache, cache_attention
 
@@ -51,16 +41,9 @@ __all__ = [
     "identity_matches",
     "appearance_matches",
     "control_matches",
-    "DEFAULT_THRESHOLDS",
-    "score_record",
-    "score_token_matches",
-    "score_controls",
-    "score_baselines_on_set",
-    "pck_record",
+    "COMPARISON_MATCHING",
     "probe_rendered",
-    "comparison_table",
-    "pool_scores",
-    "best_layer_step",
+    "probe_generations",
     "AttentionCall",
     "AttentionTaps",
     "LayerInfo",

@@ -323,7 +323,7 @@ def _probe(t: dict) -> dict:
 def _score(t: dict) -> dict:
     from ..baselines import MATCHERS
     from ..probing.controls import CONTROLS
-    from ..probing.scoring import DEFAULT_THRESHOLDS, KINDS
+    from ..evaluation import DEFAULT_THRESHOLDS, DISTANCE_KINDS as KINDS
 
     ths = _axis(t, "score", "thresholds", _num(0.0), "pixel thresholds >= 0", default=DEFAULT_THRESHOLDS)
     kind = t.get("kind", "symmetric")

@@ -21,27 +21,13 @@ __all__ = ["ItemRunner", "score_item"]
 
 
 def score_item(rec, mvs, score: dict) -> pd.DataFrame:
-    """Tidy per-pair score rows of one probed generation: native (per layer, step), controls, baselines.
+    """Tidy per-pair score rows of one probed generation: native (per layer, step), controls, baselines
+    (:func:`corrlab.evaluation.score_set`), in :data:`corrlab.evaluation.SCORE_COLUMNS` order."""
+    from ..evaluation import SCORE_COLUMNS, score_set
 
-    Columns: method, layer, step, timestep, src, tgt, view_angle, threshold, precision, n_correct,
-    n_matches, kind, note (layer/step/timestep missing except for native rows).
-    """
-    from ..probing import score_baselines_on_set, score_controls, score_record
-
-    ths, kind = score["thresholds"], score["kind"]
-    frames = [score_record(rec, mvs.cameras, ths, kind, score["kept_only"]).assign(note="")]
-    if score["controls"]:
-        ctrl = score_controls(rec, mvs.images, mvs.cameras, ths, kind, controls=score["controls"])
-        frames.append(ctrl.assign(note=""))
-    if score["baselines"]:
-        frames.append(score_baselines_on_set(mvs, score["baselines"], ths, kind))
-    df = pd.concat(frames, ignore_index=True)
-    cols = ["method", "layer", "step", "timestep", "src", "tgt", "view_angle", "threshold", "precision",
-            "n_correct", "n_matches", "kind", "note"]
-    for c in cols:
-        if c not in df.columns:
-            df[c] = None
-    return df[cols]
+    df = score_set(rec, mvs, score["thresholds"], score["kind"], score["kept_only"], score["controls"],
+                   score["baselines"])
+    return df[list(SCORE_COLUMNS)]
 
 
 class ItemRunner:

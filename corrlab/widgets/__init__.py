@@ -9,7 +9,7 @@
 Each dashboard is displayed by evaluating it in a cell (``widget`` holds the ipywidgets tree); its
 figures are ``ipywidgets.Image`` widgets holding PNG bytes. Invalid selections show a message.
 """
-from .accuracy import AccuracyDashboard, best_cell
+from .accuracy import AccuracyDashboard
 from .explorer import CorrespondenceExplorer, check_record
 from .intervention import InterventionPanel, count_model_calls, epipolar_consistency, pair_alignment
 
@@ -17,7 +17,6 @@ __all__ = [
     "AccuracyDashboard",
     "CorrespondenceExplorer",
     "InterventionPanel",
-    "best_cell",
     "check_record",
     "count_model_calls",
     "epipolar_consistency",

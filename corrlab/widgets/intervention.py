@@ -31,17 +31,17 @@ def epipolar_consistency(images: Any, cameras: Sequence, thresholds: Sequence[fl
     """Multi-view consistency of one set: precision of baseline matches under the conditioning cameras.
 
     Every view pair ``(i, j), i < j`` is matched with ``matcher`` (default SIFT) and scored by
-    :func:`corrlab.metrics.score_matches` (correct when the epipolar distance is <= the threshold).
+    :func:`corrlab.evaluation.score_matches` (correct when the epipolar distance is <= the threshold).
 
     Args:
         images: ``(V, 3, H, W)`` views in [0, 1].
         cameras: ``V`` :class:`~corrlab.geometry.Camera` of the views.
 
     Returns:
-        :func:`~corrlab.metrics.score_matches`'s table (one row per pair and threshold) plus
+        :func:`~corrlab.evaluation.score_matches`'s table (one row per pair and threshold) plus
         ``metric = "SIFT precision @ {t:g} px"`` and ``value`` (= precision, NaN for a pair without matches).
     """
-    from ..metrics import score_matches
+    from ..evaluation import score_matches
 
     if matcher is None:
         from ..baselines.sift import match_sift as matcher
