@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.views < 1:
         raise CorrlabError(f"--views: expected a positive number of views, got {args.views}")
-    from ..pipelines import pipeline_source, run_pipeline_command
+    from ..pipelines import pipeline_source
 
     if pipeline_source(args.model) is not None:
         if getattr(args, "reference", None):
@@ -195,3 +195,54 @@ def _corr_adapter(args: argparse.Namespace, pipe):
     config = CorrAdapterConfig.preset(preset, **({"num_steps": steps} if preset == "syncdreamer" else {}), **params)
     return CorrAdapterHandle(pipe, config)
 
+
+def run_pipeline_command(args: argparse.Namespace, record: bool) -> int:
+    """``corrlab generate|probe --model PIPELINE``: one generation through the pipeline's own ``__call__``
+    (with CorrAdapter when asked; under the probe when ``record``), saved by :func:`corrlab.pipelines.save_pipeline_output`
+    (plus ``record.nc``)."""
+    from typing import Any
+
+    import torch
+
+    from ..errors import CorrlabError
+    from ..pipelines import (check_supported, load_pipeline, multi_image, output_images, pipeline_call_kwargs,
+                             pipeline_source, record_frame_indices, save_pipeline_output)
+
+    if getattr(args, "cameras", None):
+        raise CorrlabError("--cameras: diffusers pipelines are not camera-conditioned; expected no --cameras with a pipeline --model")
+    source = pipeline_source(args.model)
+    cuda = torch.cuda.is_available()  # a GPU when there is one, in bfloat16 (the weights' usual dtype)
+    pipe = load_pipeline(source, torch_dtype=torch.bfloat16 if cuda else None, device="cuda" if cuda else None)
+    pipe.set_progress_bar_config(disable=bool(args.no_progress))
+    kind = check_supported(pipe)
+    steps = getattr(args, "num_steps", None) if record else getattr(args, "steps", None)
+    views = None if kind != "extended" else args.views
+    call = pipeline_call_kwargs(pipe, args.prompt, args.seed, num_inference_steps=steps, guidance_scale=args.guidance,
+                                num_images=views, height=args.height, width=args.width, num_frames=args.frames)
+    adapter = None if record else _corr_adapter(args, pipe)
+    meta: dict[str, Any] = {"pipeline": type(pipe).__name__, "kind": kind, "model": str(args.model), "prompt": args.prompt,
+                            "seed": int(args.seed), "call": {k: v for k, v in call.items() if k not in ("generator", "prompt")}}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(multi_image(pipe, views))
+        rec = None
+        if record:
+            from .probe import matching_from_args
+            from ..probing import probe
+
+            rec = stack.enter_context(probe(pipe, layers=args.layers, steps=args.steps, matching=matching_from_args(args),
+                                            batch_index=args.batch_index, chunk_size=args.chunk_size))
+        if adapter is not None:
+            stack.enter_context(adapter)
+        images = output_images(pipe(**call))
+    if adapter is not None:
+        meta["corr_adapter"] = {**dataclasses.asdict(adapter.config), "layers": adapter.layers}
+    if rec is not None:
+        if not rec.steps:
+            raise CorrlabError(f"--steps: no step of the generation matched {args.steps}")
+        meta["record_frames"] = record_frame_indices(pipe, rec.num_images, images.shape[0])
+        rec.set_meta(prompt=args.prompt, seed=int(args.seed), model=str(args.model))
+    out = save_pipeline_output(args.out, images, meta)
+    if rec is not None:
+        rec.save(out / "record.nc")
+    print(out)
+    return 0

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.views < 1:
         raise CorrlabError(f"--views: expected a positive number of views, got {args.views}")
     matching = matching_from_args(args)  # before any loading: bad flags fail fast
-    from ..pipelines import pipeline_source, run_pipeline_command
+    from ..pipelines import pipeline_source
+    from .generate import run_pipeline_command
 
     if pipeline_source(args.model) is not None:
         return run_pipeline_command(args, record=True)

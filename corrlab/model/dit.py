@@ -98,6 +98,8 @@ class MultiViewDiT(ModelMixin, ConfigMixin, AttentionMixin):
     ``attn_processors`` / ``set_attn_processor`` come from diffusers' ``AttentionMixin``.
     """
 
+    corrlab_embedded = True  # corrlab's own model: CFG batched [cond, uncond] (see probing.attention_cache)
+
     _supports_gradient_checkpointing = False
 
     @register_to_config

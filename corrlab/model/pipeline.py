@@ -44,6 +44,8 @@ class CorrlabPipeline:
     Attributes: ``model`` (also ``transformer``), ``scheduler``.
     """
 
+    corrlab_embedded = True  # corrlab's own model: CFG batched [cond, uncond] (see probing.attention_cache)
+
     def __init__(self, model: MultiViewDiT | MultiViewUNet, scheduler: FlowMatchEulerDiscreteScheduler | None = None):
         if not isinstance(model, (MultiViewDiT, MultiViewUNet)):
             raise CorrlabError(f"model: expected a corrlab MultiViewDiT or MultiViewUNet, got {describe(model)}")

@@ -112,6 +112,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
     ``attention_grids(H, W)`` gives each one's token grid.
     """
 
+    corrlab_embedded = True  # corrlab's own model: CFG batched [cond, uncond] (see probing.attention_cache)
+
     _supports_gradient_checkpointing = False
 
     @register_to_config

@@ -35,10 +35,13 @@ HOOKS = ("hook_q", "hook_k")
 
 
 def is_corrlab_model(model_or_pipeline: Any) -> bool:
-    """Whether ``model_or_pipeline`` is corrlab's embedded pipeline or model (CFG batched ``[cond, uncond]``)."""
-    from ..model import CorrlabPipeline, MultiViewDiT
+    """Whether ``model_or_pipeline`` is corrlab's embedded pipeline or model (CFG batched ``[cond, uncond]``).
 
-    return isinstance(model_or_pipeline, (CorrlabPipeline, MultiViewDiT))
+    Read from the class attribute ``corrlab_embedded`` that :class:`corrlab.model.CorrlabPipeline`,
+    :class:`~corrlab.model.MultiViewDiT` and :class:`~corrlab.model.MultiViewUNet` set, so capture code
+    does not import the model package (the model's tracking evaluation imports the probe).
+    """
+    return bool(getattr(type(model_or_pipeline), "corrlab_embedded", False))
 
 
 def conditional_batch_entry(model_or_pipeline: Any, batch: int, batch_index: int | None,

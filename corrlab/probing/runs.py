@@ -84,25 +84,19 @@ def probe_generations(
     ``matching`` defaults to :data:`COMPARISON_MATCHING`; keyword ``options`` replace its fields. The probe
     records each returned set's prompt, seed and cameras itself.
     """
-    from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from ..probing import probe
     from ..scenes import sample_scene
     from ..sets import save_set
 
     out_root = Path(out_root)
     matching = MatchingOptions.build(matching, **options)
+    sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    sampling = {k: v for k, v in sampling.items() if v is not None}  # None: the pipeline's own default
     dirs = []
     for seed in tqdm(list(seeds), desc="probing generations", disable=not progress):
         prompt = sample_scene(seed).prompt
         with probe(pipe, layers=layers, steps=steps, matching=matching) as rec:
-            mvs = pipe(
-                prompt,
-                num_views=num_views,
-                num_inference_steps=num_inference_steps or DEFAULT_STEPS,
-                guidance_scale=DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale,
-                seed=seed,
-                progress=False,
-            )
+            mvs = pipe(prompt, num_views=num_views, seed=seed, progress=False, **sampling)
         d = save_set(mvs, out_root / f"seed_{seed}")
         rec.save(d / "record.nc")
         dirs.append(d)

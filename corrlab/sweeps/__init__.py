@@ -5,7 +5,7 @@
 >>> res = corrlab.open_sweep("out/sweep")        # or h.open()                   # doctest: +SKIP
 >>> res.ds          # lazy xarray over all items (dask), labels as item coords  # doctest: +SKIP
 >>> res.scores      # tidy score table, one row per item x method x layer x step x pair x threshold
->>> res.dashboard(intervention="none")                                           # doctest: +SKIP
+>>> AccuracyDashboard.from_sweep(res, where={"intervention": "none"})            # doctest: +SKIP
 
 * :mod:`.spec`: the TOML spec, its validation (before any work) and its expansion into items, each keyed
   by a hash of its full configuration (weights' hash included).

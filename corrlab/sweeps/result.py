@@ -130,12 +130,6 @@ class SweepResult:
             df = df[df[col].isin(list(values))]
         return df.reset_index(drop=True)
 
-    def dashboard(self, where: dict | None = None, explorer=None, threshold: float | None = None, **eq):
-        """An :class:`~corrlab.widgets.AccuracyDashboard` over the (filtered) score rows."""
-        from ..widgets.accuracy import AccuracyDashboard
-
-        return AccuracyDashboard.from_sweep(self, where={**(where or {}), **eq}, explorer=explorer,
-                                            threshold=threshold)
 
 
 def open_sweep(store: str | os.PathLike, keys: list[str] | None = None, verify: str = "size") -> SweepResult:
