@@ -257,3 +257,25 @@ def test_comparison_figure_labels_the_in_sample_curve_optimistic():
     # the plotted held-out precision is the table's (pooled there, not here): exact
     np.testing.assert_array_equal(lines[held[0]].get_ydata(),
                                   table[table.method == "native-held-out"].sort_values("threshold")["precision"].to_numpy(float))
+
+
+def test_best_cell_default_weighs_precision_by_its_support():
+    """The default rule is the lower 95 % Wilson bound: 2 of 6 (0.33) loses to 100 of 400 (0.25) on support,
+    while the raw pooled precision picks the 6-match cell."""
+    import math
+
+    from corrlab.evaluation import best_layer_step, wilson_lower
+
+    # hand value: k=100, n=400, z=1.96 -> (0.25 + 0.0048020 - 1.96*sqrt(0.25*0.75/400 + 1.96**2/640000)) / 1.0096040
+    z = 1.96
+    expected = (0.25 + z * z / 800 - z * math.sqrt(0.25 * 0.75 / 400 + z * z / (4 * 400 * 400))) / (1 + z * z / 400)
+    assert wilson_lower(100, 400) == pytest.approx(expected, rel=1e-12)
+    assert 0.20 < wilson_lower(100, 400) < 0.25 and wilson_lower(2, 6) < 0.1
+    assert math.isnan(float(wilson_lower(0, 0)))
+    rows = [dict(method="native", layer="blocks.0.attn", step=4, threshold=5.0, n_correct=2, n_matches=6),
+            dict(method="native", layer="blocks.1.attn", step=1, threshold=5.0, n_correct=100, n_matches=400)]
+    table = pd.DataFrame(rows).assign(precision=lambda d: d.n_correct / d.n_matches)
+    assert best_layer_step(table, 5.0) == ("blocks.1.attn", 1)
+    assert best_layer_step(table, 5.0, value="precision") == ("blocks.0.attn", 4)
+    with pytest.raises(CorrlabError, match="value"):
+        best_layer_step(table, 5.0, value="f1")

@@ -248,3 +248,30 @@ def test_init_from_shipped_weights_continues_the_step_count(tmp_path):
                                                     num_heads=2, prompt_dim=8, ray_freqs=2))
     with pytest.raises(CorrlabError, match="arch"):
         Trainer(dit_cfg, tmp_path / "run3").init_from(shipped)
+
+
+def test_probe_generations_image_conditioned_records_the_scene_and_its_references(tmp_path):
+    """The demo's image-conditioned setting: the seed's rendered scene gives view 0 and the cameras; the probe
+    records the generated set's cameras itself, and those are the scene's."""
+    from corrlab.probing import ProbeRecord, probe_generations
+
+    pipe = CorrlabPipeline(tiny_unet())
+    seed = 1_000_123
+    dirs = probe_generations(pipe, [seed], tmp_path, num_views=3, num_inference_steps=2, progress=False,
+                             reference_views=[0], steps=[1])
+    truth = render_scene(seed, 3, pipe.sample_size, "train")
+    out = load_set(dirs[0])
+    assert out.meta["given_views"] == [0]
+    # exact: the given view is the rendered image, written and read back through the same PNG quantisation
+    assert torch.equal(out.images[0], load_set(save_set(truth, tmp_path / "truth")).images[0])
+    rec = ProbeRecord.load(dirs[0] / "record.nc")
+    for cam, ref in zip(rec.cameras, truth.cameras):
+        assert torch.allclose(torch.as_tensor(cam.K), torch.as_tensor(ref.K), atol=1e-12)  # JSON/netCDF float64
+        assert torch.allclose(torch.as_tensor(cam.R), torch.as_tensor(ref.R), atol=1e-12)
+    assert rec.steps == [1] and rec.prompt == truth.prompt
+    with pytest.raises(CorrlabError, match="reference_views"):
+        probe_generations(pipe, [seed], tmp_path / "bad", num_views=3, reference_views=[0, 1, 2], progress=False)
+    with pytest.raises(CorrlabError, match="reference_views"):
+        probe_generations(CorrlabPipeline(MultiViewDiT(sample_size=16, patch_size=4, hidden_size=32, num_layers=1,
+                                                       num_heads=2, prompt_dim=8, ray_freqs=2)),
+                          [seed], tmp_path / "dit", num_views=3, reference_views=[0], progress=False)

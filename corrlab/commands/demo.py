@@ -13,7 +13,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sets", type=int, default=4,
                    help="generated 4-view sets to probe and score (default 4; at least 2: the best (layer, step) "
                    "of one half is scored on the other)")
-    p.add_argument("--model", default=None, help="model folder or name under data/ (default: the embedded model)")
+    p.add_argument("--model", default=None,
+                   help="model folder or name under data/ (default: corrlab-mvunet-s, image-conditioned; with "
+                   "--text-only the default embedded model)")
+    p.add_argument("--reference-views", type=int, nargs="+", default=[0], metavar="V",
+                   help="views of each held-out rendered scene given as clean references, the others generated under "
+                   "the scene's cameras (image-conditioned, the paper's main setting; default: 0)")
+    p.add_argument("--text-only", action="store_true",
+                   help="text-to-multi-view instead: no reference views, cameras from the seed")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps (default: the model's default)")
     p.set_defaults(func=run)
 
@@ -49,13 +56,18 @@ def run(args) -> int:
     from ..plotting import comparison_figure, figure_to_png
     from ..probing import probe_generations
 
-    print(f"\n[2/2] probe-and-score: {args.sets} generated 4-view sets of the embedded model, native "
+    given = [] if args.text_only else sorted(set(args.reference_views))
+    model = args.model if (args.model or args.text_only) else "corrlab-mvunet-s"
+    setting = (f"image-conditioned (views {given} of each rendered scene given, the others generated)" if given
+               else "text-only")
+    print(f"\n[2/2] probe-and-score: {args.sets} generated 4-view sets of the embedded model "
+          f"({model or 'default'}), {setting}; native "
           f"correspondences (all multi-image layers, all steps) vs controls and baselines on the same images.\n"
           f"native-held-out: each set scored at the best (layer, step) of the other sets (alternate halves); "
           f"native-best-in-sample is chosen and scored on the same sets (optimistic)")
-    pipe = load_default(args.model)
+    pipe = load_default(model)
     dirs = probe_generations(pipe, range(args.seed, args.seed + args.sets), out / "generated",
-                             num_inference_steps=args.num_steps)
+                             num_inference_steps=args.num_steps, reference_views=given)
     scores = score_sets(dirs, thresholds=tuple(range(1, 11)), controls=("identity", "chance", "appearance"))
     table = comparison_from_scores(scores)
     atomic_write_text(out / "comparison_scores.csv", scores.to_csv(index=False))
@@ -63,7 +75,7 @@ def run(args) -> int:
     shown = table[table["threshold"].isin([1.0, 2.0, 5.0, 10.0])].drop(columns=["note", "n_sets"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("held-out choices: " + table.loc[table["method"] == "native-held-out", "note"].iloc[0])
-    fig = comparison_figure(table, title=f"native correspondences vs baselines, {args.sets} generated sets")
+    fig = comparison_figure(table, title=f"native correspondences vs baselines, {args.sets} generated sets, {setting.split(' (')[0]}")
     atomic_write_bytes(out / "comparison.png", figure_to_png(fig, dpi=110))
     print(f"\ntables and plot: {out}/baseline_scores.csv, {out}/comparison.csv, {out}/comparison_scores.csv, "
           f"{out}/comparison.png")

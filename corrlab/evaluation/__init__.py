@@ -30,7 +30,15 @@ from .native import RowConstraintWarning, score_record
 from .pck import pck, pck_record
 from .pooling import pool_scores
 from .schema import DEFAULT_THRESHOLDS, DISTANCE_KINDS, KEY_COLUMNS, SCORE_COLUMNS, SET_COLUMN
-from .selection import OPTIMISTIC_LABEL, best_layer_step, held_out_scores, held_out_selection, split_sets
+from .selection import (
+    OPTIMISTIC_LABEL,
+    SELECTION_VALUES,
+    best_layer_step,
+    held_out_scores,
+    held_out_selection,
+    split_sets,
+    wilson_lower,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -55,6 +63,8 @@ __all__ = [
     "pool_scores",
     "OPTIMISTIC_LABEL",
     "best_layer_step",
+    "SELECTION_VALUES",
+    "wilson_lower",
     "split_sets",
     "held_out_selection",
     "held_out_scores",

@@ -1,7 +1,9 @@
 """Choosing the best native (layer, step): in-sample (optimistic) and held out (honest).
 
-:func:`best_layer_step` is the one best-cell rule: the highest pooled precision (or correct-match count)
-at a threshold, ties broken by more correct matches, then by the table's order. Scoring a cell on the
+:func:`best_layer_step` is the one best-cell rule: by default the highest *lower 95 % Wilson bound* of the
+pooled precision at a threshold (``value="precision_lower"``), so a cell with 2 correct of 6 matches does
+not beat one with 100 of 400 on noise; ``"precision"`` (the raw pooled precision) and ``"n_correct"`` are
+options. Ties are broken by more correct matches, then by the table's order. Scoring a cell on the
 same scenes it was chosen on is optimistic: with many (layer, step) cells, the best of them on a few
 scenes is partly the best noise. :func:`held_out_scores` is the honest version: scenes are split into
 folds by alternating position (scene 0 -> fold 0, scene 1 -> fold 1, scene 2 -> fold 0, ...); each
@@ -19,7 +21,7 @@ from ..errors import CorrlabError, ValueRangeError
 from .pooling import pool_scores
 from .schema import KEY_COLUMNS, SET_COLUMN, check_table
 
-__all__ = ["OPTIMISTIC_LABEL", "best_layer_step", "split_sets", "held_out_selection", "held_out_scores"]
+__all__ = ["OPTIMISTIC_LABEL", "SELECTION_VALUES", "wilson_lower", "best_layer_step", "split_sets", "held_out_selection", "held_out_scores"]
 
 #: How corrlab labels a (layer, step) chosen and scored on the same scenes, in tables and plots.
 OPTIMISTIC_LABEL = "optimistic (in-sample)"
@@ -35,23 +37,44 @@ def _rows_at(table: pd.DataFrame, threshold: float, method: str) -> pd.DataFrame
     return at
 
 
-def best_layer_step(table: pd.DataFrame, threshold: float = 5.0, value: str = "precision",
+#: The selection criteria :func:`best_layer_step` knows.
+SELECTION_VALUES = ("precision_lower", "precision", "n_correct")
+
+
+def wilson_lower(n_correct, n_matches, z: float = 1.96):
+    """Lower bound of the Wilson score interval of a proportion ``n_correct / n_matches`` (NaN without matches).
+
+    ``(p + z^2/2n - z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``; arrays or scalars; ``z = 1.96``: 95 %.
+    """
+    k = np.asarray(n_correct, dtype=float)
+    n = np.asarray(n_matches, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        centre = p + z * z / (2 * n)
+        spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return np.where(n > 0, (centre - spread) / (1 + z * z / n), np.nan)
+
+
+def best_layer_step(table: pd.DataFrame, threshold: float = 5.0, value: str = "precision_lower",
                     method: str = "native") -> tuple[str, int]:
     """The ``(layer, step)`` of ``method`` with the highest pooled ``value`` at ``threshold``.
 
     Args:
         table: a score table (per-pair rows; other methods are ignored).
         threshold: pixel threshold the cells are compared at (default 5 px).
-        value: ``"precision"`` (pooled) or ``"n_correct"``.
+        value: ``"precision_lower"`` (default: the lower 95 % Wilson bound of the pooled precision, which
+            weighs a cell's precision by how many matches support it), ``"precision"`` (pooled) or
+            ``"n_correct"``.
 
     Cells without matches never win; ties go to more correct matches, then to the first cell in the table.
     Raises :class:`CorrlabError` when no cell has a match at ``threshold``.
     """
     check_table("table", table, KEY_COLUMNS)
-    if value not in ("precision", "n_correct"):
-        raise CorrlabError(f"value: expected 'precision' or 'n_correct', got {value!r}")
+    if value not in SELECTION_VALUES:
+        raise CorrlabError(f"value: expected one of {SELECTION_VALUES}, got {value!r}")
     pooled = pool_scores(_rows_at(table, threshold, method), ("layer", "step"))
-    pooled = pooled[pooled["n_matches"] > 0]
+    pooled = pooled[pooled["n_matches"] > 0].copy()
+    pooled["precision_lower"] = wilson_lower(pooled["n_correct"], pooled["n_matches"])
     if pooled.empty:
         raise CorrlabError(f"threshold: no {method} match scored at {threshold:g} px (expected cells with matches)")
     best = pooled.sort_values([value, "n_correct"], ascending=False, kind="stable").iloc[0]
@@ -72,7 +95,7 @@ def split_sets(sets: Sequence, folds: int = 2) -> list[list]:
 
 
 def held_out_selection(table: pd.DataFrame, threshold: float = 5.0, set_column: str = SET_COLUMN, folds: int = 2,
-                       value: str = "precision", method: str = "native") -> pd.DataFrame:
+                       value: str = "precision_lower", method: str = "native") -> pd.DataFrame:
     """Per fold, the cell chosen without it: columns ``fold, layer, step, selected_on, scored_on`` (scene id lists).
 
     ``selected_on`` and ``scored_on`` never share a scene. Raises when ``set_column`` is missing or there are
@@ -90,7 +113,7 @@ def held_out_selection(table: pd.DataFrame, threshold: float = 5.0, set_column: 
 
 
 def held_out_scores(table: pd.DataFrame, threshold: float = 5.0, set_column: str = SET_COLUMN, folds: int = 2,
-                    value: str = "precision", method: str = "native") -> tuple[pd.DataFrame, pd.DataFrame]:
+                    value: str = "precision_lower", method: str = "native") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-pair rows of ``method`` at held-out cells: each scene's rows at the cell chosen on the other folds.
 
     Returns ``(rows, selection)``: ``rows`` keeps the table's columns (every threshold; ``layer``/``step``

@@ -76,17 +76,34 @@ def probe_generations(
     guidance_scale: float | None = None,
     progress: bool = True,
     matching: MatchingOptions = COMPARISON_MATCHING,
+    reference_views: Sequence[int] = (),
+    layout: str = "train",
     **options,
 ) -> list[Path]:
     """Generate and probe one set per seed; returns the set directories (each with ``record.nc``).
 
-    The prompt and the cameras come from the same seed, as in :func:`corrlab.scenes.sample_scene`;
+    The prompt and the cameras come from the same seed, as in :func:`corrlab.scenes.sample_scene`.
+    ``reference_views`` (image-conditioned generation, the paper's main setting; needs a pipeline with
+    ``supports_reference``): the seed's scene is rendered under ``layout``'s cameras
+    (:func:`corrlab.scenes.render_scene`), those views are given as clean references and the others generated
+    under the scene's cameras; the saved set lists them in ``meta["given_views"]``. Empty (default):
+    text-to-multi-view under ``sample_cameras(seed, layout="train")``.
     ``matching`` defaults to :data:`COMPARISON_MATCHING`; keyword ``options`` replace its fields. The probe
     records each returned set's prompt, seed and cameras itself.
     """
     from ..probing import probe
-    from ..scenes import sample_scene
+    from ..scenes import render_scene, sample_scene
     from ..sets import save_set
+
+    given = sorted({int(v) for v in reference_views})
+    if any(not 0 <= v < num_views for v in given) or len(given) >= num_views:
+        raise ValueRangeError(
+            f"reference_views: expected distinct view indices in [0, {num_views}) leaving at least one view to "
+            f"generate, got {list(reference_views)}"
+        )
+    if given and not getattr(pipe, "supports_reference", False):
+        raise CorrlabError(f"reference_views: the pipeline's model takes no reference views, got {given}; use a "
+                           f"reference-conditioned model such as corrlab-mvunet-s")
 
     out_root = Path(out_root)
     matching = MatchingOptions.build(matching, **options)
@@ -95,8 +112,12 @@ def probe_generations(
     dirs = []
     for seed in tqdm(list(seeds), desc="probing generations", disable=not progress):
         prompt = sample_scene(seed).prompt
+        conditioning = {}
+        if given:
+            truth = render_scene(seed, num_views, pipe.sample_size, layout)
+            conditioning = {"cameras": truth.cameras, "reference": {v: truth.images[v] for v in given}}
         with probe(pipe, layers=layers, steps=steps, matching=matching) as rec:
-            mvs = pipe(prompt, num_views=num_views, seed=seed, progress=False, **sampling)
+            mvs = pipe(prompt, num_views=num_views, seed=seed, progress=False, **sampling, **conditioning)
         d = save_set(mvs, out_root / f"seed_{seed}")
         rec.save(d / "record.nc")
         dirs.append(d)
