@@ -53,8 +53,8 @@ class ConsistencyConfig:
     base: the base pipeline folder (or name under ``data/``); loss: ``"eq14"`` or ``"attention-ce"``;
     lam: lambda of Eq. 15 (0.1, the paper's); layers: attention layers the consistency loss reads (None =
     the loss's default, see the module docstring); rank, alpha: LoRA size (16, the paper's rank); steps, lr,
-    warmup_steps, grad_clip, weight_decay: AdamW on the LoRA only; views, sets_per_step, image_size, layout:
-    the rendered batch; reference_probs: probabilities of 0, 1, 2 clean references per set (capped at
+    warmup_steps, grad_clip, weight_decay: AdamW on the LoRA only; views, sets_per_step, image_size (None = the
+    model's sample size), layout: the rendered batch; reference_probs: probabilities of 0, 1, 2 clean references per set (capped at
     ``views - 1``); t_std: logit-normal time sampling; cfg_dropout: null-prompt probability; seed;
     train_seeds: [lo, hi) scene seeds (below the held-out range); log_every, checkpoint_every, keep_checkpoints;
     threads: torch CPU threads.
@@ -73,7 +73,7 @@ class ConsistencyConfig:
     weight_decay: float = 0.0
     views: int = 4
     sets_per_step: int = 2
-    image_size: int = 64
+    image_size: int | None = None
     layout: str = "train"
     reference_probs: tuple = (0.2, 0.5, 0.3)
     t_std: float = 1.0
@@ -164,6 +164,8 @@ class ConsistencyTrainer:
             ck = path / "checkpoint.json"
             base_info = {"base_name": path.name, **({"base_step": json.loads(ck.read_text()).get("step")} if ck.is_file() else {})}
         self.model = model
+        if config.image_size is None:
+            config.image_size = int(model.config.sample_size)
         self.base_info = dict(base_info or {})
         self.base_sha256 = base_fingerprint(model)
         grids = model.attention_grids(config.image_size, config.image_size)
