@@ -56,6 +56,7 @@ from corrlab.scenes import render_scene
 SELECT_START = HELD_OUT_SEED_START + 60_000
 EVAL_START = HELD_OUT_SEED_START + 70_000
 TEXT_START = HELD_OUT_SEED_START + 80_000
+NATIVE_START = HELD_OUT_SEED_START + 90_000
 
 #: CorrAdapter settings tried on the selection scenes (image-conditioned: every step). "finest" = the
 #: finest-grid layers (corrlab's default for this model: blocks.0 and blocks.4, 16 x 16), "decoder" =
@@ -63,9 +64,8 @@ TEXT_START = HELD_OUT_SEED_START + 80_000
 CANDIDATES = {
     "finest eta0.1": dict(eta=0.1),
     "decoder eta0.1": dict(eta=0.1, layers=["blocks.4.attn"]),
+    "finest eta0.1 keep-all": dict(eta=0.1, threshold=0.0),
 }
-# ("finest eta0.1 keep-all", threshold 0: every match aggregated, was tried and dropped unscored: 4x the time of a
-# plain generation on this CPU, too slow for the 32-scene evaluation.)
 
 
 def tiny_pipeline() -> CorrlabPipeline:
@@ -249,9 +249,13 @@ def main(argv=None) -> int:
     ap.add_argument("--select-n", type=int, default=8, help="selection scenes for the CorrAdapter setting")
     ap.add_argument("--adapter", choices=sorted(CANDIDATES), help="skip the selection: use this setting")
     ap.add_argument("--text-n", type=int, default=32, help="text-only transfer sets (0 = skip)")
-    ap.add_argument("--parts", nargs="+", default=["select", "conditioned", "text"], choices=["select", "conditioned", "text"],
+    ap.add_argument("--native-n", type=int, default=16, help="native part: held-out 2-view scenes")
+    ap.add_argument("--parts", nargs="+", default=["select", "conditioned", "text", "native"],
+                    choices=["select", "conditioned", "text", "native"],
                     help="select: choose the CorrAdapter setting on the selection scenes (skipped with --adapter); "
-                    "conditioned: the evaluation scenes; text: the text-only LoRA transfer")
+                    "conditioned: the evaluation scenes; text: the text-only LoRA transfer; native: native far-moving "
+                    "hits (generated view 1 -> reference view 0, t = 0.5, corrlab.model.conditioned.native_hits) of "
+                    "base vs the LoRA(s): what the consistency losses do to the attention itself")
     ap.add_argument("--lora-candidates", nargs="+", metavar="NAME=PATH",
                     help="select part: also score these LoRAs (no CorrAdapter) on the selection scenes, vs base")
     ap.add_argument("--steps", type=int, default=20)
@@ -330,6 +334,33 @@ def main(argv=None) -> int:
         tx = text_transfer(pipe, args.lora, args.text_n, args.steps, args.text_guidance, args.views, shard=(k, n_shards),
                            configs=args.text_configs)
         write_csv(tx, out / f"text{suffix}{'_' + '-'.join(args.text_configs) if len(args.text_configs) < 2 else ''}.csv")
+    if "native" in args.parts and (args.lora or args.lora_candidates) and args.native_n > 0:
+        from corrlab.model.conditioned import native_hits, pool_hits
+
+        loras = [("base", None)] + ([("LoRA", args.lora)] if args.lora else []) + \
+            [tuple(c.split("=", 1)) for c in (args.lora_candidates or [])]
+        frames = []
+        for name, path in loras:
+            handle = load_lora(pipe, path) if path else None
+            try:
+                df = native_hits(pipe.model, n_sets=args.native_n, t=0.5, seed_start=NATIVE_START, progress=True)
+            finally:
+                if handle is not None:
+                    handle.unload()
+            df["config"] = name
+            frames.append(df)
+        nat = pd.concat(frames, ignore_index=True)
+        write_csv(nat, out / "native.csv")
+        pooled = pd.concat([pool_hits(d).assign(config=d.config.iloc[0]) for d in frames], ignore_index=True)
+        far = pooled[(pooled.subset == "far") & pooled.grid.eq("16x16")]
+        table = far[far.method == "native"].pivot_table(index="config", columns="layer", values="share", sort=False)
+        print(f"\nnative far-moving hits within 1 token, t = 0.5, {args.native_n} scenes (seeds from {NATIVE_START}), 16x16 layers")
+        print(table.round(3).to_string())
+        ctrl = far[(far.config == "base") & far.method.isin(["camera geometry only", "chance", "appearance NN (noisy input)"])]
+        print(ctrl.pivot_table(index="method", columns="layer", values="share").round(3).to_string())
+        for cfg, r in table.iterrows():
+            for layer, v in r.items():
+                key[f"native_far_{cfg}_{layer.split('.')[1]}"] = round(float(v), 4)
     key.update(report(out, args))
     print(" ".join(f"{k}={v}" for k, v in key.items()))
     return 0
