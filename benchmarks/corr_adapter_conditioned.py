@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     pd.set_option("display.width", 200, "display.max_columns", 20)
 
     if args.report:
-        key.update(report(out, args))
+        key = report(out, args)
         print(" ".join(f"{k}={v}" for k, v in key.items()))
         return 0
     pipe = tiny_pipeline() if args.tiny else load_default(args.model)
