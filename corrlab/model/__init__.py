@@ -18,6 +18,7 @@ from .unet import MultiViewUNet
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, CorrlabPipeline, default_scheduler
 from .prompt import PromptEncoder
 from .rays import plucker_ray_embeds, token_centres
+from .lora import load_corrstar, load_lora
 
 __all__ = [
     "MultiViewDiT",
@@ -33,6 +34,8 @@ __all__ = [
     "DEFAULT_STEPS",
     "DEFAULT_GUIDANCE",
     "DATA_DIR",
+    "load_corrstar",
+    "load_lora",
 ]
 
 #: Folder name of the shipped weights under ``data/``.
@@ -57,12 +60,20 @@ def resolve_model_path(name_or_path: str | os.PathLike | None = None) -> Path:
     )
 
 
-def load_default(name_or_path: str | os.PathLike | None = None) -> CorrlabPipeline:
-    """Load the shipped embedded model (or ``name_or_path``) as a :class:`CorrlabPipeline` on the CPU."""
+def load_default(name_or_path: str | os.PathLike | None = None, lora: str | os.PathLike | None = None) -> CorrlabPipeline:
+    """Load the shipped embedded model (or ``name_or_path``) as a :class:`CorrlabPipeline` on the CPU.
+
+    ``lora``: a LoRA folder (or name under ``data/``, e.g. ``"corrlab-mvunet-s-corrstar"``) loaded onto it with
+    :func:`corrlab.model.lora.load_corrstar` (checked against the base's weights hash); its handle is
+    ``pipe.lora`` (``pipe.lora.unload()`` restores the base).
+    """
     path = resolve_model_path(name_or_path)
     if not ((path / "model" / "config.json").is_file() or (path / "config.json").is_file()):
         raise WeightsNotFoundError(
             f"model: {str(path)!r} holds no model/config.json; train weights with "
             f"`corrlab train --config FILE --out runs/NAME`"
         )
-    return CorrlabPipeline.from_pretrained(path)
+    pipe = CorrlabPipeline.from_pretrained(path)
+    if lora is not None:
+        pipe.lora = load_corrstar(pipe, lora)
+    return pipe
