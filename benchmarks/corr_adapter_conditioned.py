@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from corrlab.baselines import match_sift
 from corrlab.interventions import CorrAdapterHandle
 from corrlab.io_utils import atomic_write_bytes
-from corrlab.metrics import score_matches
+from corrlab.evaluation import score_matches
 from corrlab.model import CorrlabPipeline, MultiViewUNet, load_default
 from corrlab.model.conditioned import psnr, ssim
 from corrlab.model.consistency import correspondence_psnr
