@@ -203,7 +203,7 @@ def test_window_auto_follows_the_layouts_row_wise_flag():
 
     def run(window, row_wise):
         layout = TokenLayout(2, (3, 4), (12, 16), row_wise=row_wise)
-        adapter = CorrAdapter(CorrAdapterConfig(eta=0.0, radius=1, threshold=0.0, active_steps=None, window=window))
+        adapter = CorrAdapter(CorrAdapterConfig.build(eta=0.0, window_radius=1, threshold=0.0, active_steps=None, window=window))
         call = AttentionCall("l", q, k, v, out.clone(), 0.5, layout, 0, 1.0, step=0, slot=0, generation=0)
         return adapter(call)
 
