@@ -132,7 +132,27 @@ def fused_attention_matches(
     ramp = torch.arange(n, 0, -1, dtype=dtype, device=dev)
     rows = max(1, min(L, int(chunk_size) // H))  # all heads of `rows` query rows: chunk_size x L logits
 
-    for r0 in range(0, L, rows):
+    sdpa = _sdpa_with_block_masses(qs, k.to(dtype), vv, n, 1.0) if not mean and confidence == "global" else None
+    if sdpa is not None:
+        # output, block masses Z_b / Z and log Z from torch's kernel; the logits again (in blocks) for the
+        # argmax, which no kernel returns: confidence of block b = exp(m_b - log Z) / (Z_b / Z)
+        out, mass, lse = sdpa
+        for r0 in range(0, L, rows):
+            r1 = min(r0 + rows, L)
+            C = r1 - r0
+            S = torch.matmul(qs[:, r0:r1], k_t, out=ws.get("fused_logits", (H, C, L), dtype, dev))
+            blocks = S.view(H, C, V, n)
+            block_max = blocks.amax(-1, keepdim=True)  # (H, C, V, 1)
+            work = ws.get("fused_work", (H, C, V, n), dtype, dev)
+            index[:, r0:r1] = _first_block_argmax(blocks, block_max, ramp, work)
+            bm = block_max.squeeze(-1)
+            c = torch.sub(bm, lse[:, r0:r1, None]).exp_().div_(mass[:, r0:r1]).clamp_(max=1.0)
+            low = (bm - bm.amax(-1, keepdim=True)) < -UNDERFLOW_GAP
+            if bool(low.any()):  # a block far below the row max: its mass lost precision; from the logits
+                c = torch.where(low, torch.sub(blocks, block_max, out=work).exp_().sum(-1).reciprocal_(), c)
+            conf[:, r0:r1] = c
+
+    for r0 in range(0, L if sdpa is None else 0, rows):
         r1 = min(r0 + rows, L)
         C = r1 - r0
         S = torch.matmul(qs[:, r0:r1], k_t, out=ws.get("fused_logits", (H, C, L), dtype, dev))  # (H, C, L)
@@ -166,3 +186,25 @@ def fused_attention_matches(
     threshold_t = torch.tensor(float(threshold), dtype=dtype, device=dev)
     kept = conf > threshold_t if strict else conf >= threshold_t
     return out.to(q.dtype), index, conf.to(torch.float32), kept
+
+
+def _sdpa_with_block_masses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float):
+    """torch's CPU flash-attention kernel on ``(H, L, d)`` tensors, with ``V = L // n`` one-hot columns appended to v.
+
+    Returns ``(out (H, L, d), mass (H, L, V), lse (H, L))``: the attention output, each row's attention mass
+    on every image block (``sum_{l in b} softmax(S)_l = Z_b / Z``) and the row's log-sum-exp ``log Z``, all
+    from the kernel's one pass over the logits. q and k get V zero columns (dot products unchanged) so the
+    three share a head size, as the kernel requires. None when the kernel is not available here.
+    """
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or q.device.type != "cpu" or q.dtype != torch.float32 or v.shape[-1] != q.shape[-1]:
+        return None
+    H, L, d = q.shape
+    V = L // n
+    onehot = torch.zeros((L, V), dtype=q.dtype)
+    onehot.view(V, n, V).diagonal(dim1=0, dim2=2).fill_(1.0)  # token t of image b: column b
+    qp = torch.nn.functional.pad(q, (0, V))[None]
+    kp = torch.nn.functional.pad(k, (0, V))[None]
+    vp = torch.cat([v, onehot.expand(H, L, V)], dim=-1)[None]
+    out, lse = op(qp, kp, vp, scale=float(scale))[:2]
+    return out[0, :, :, :d], out[0, :, :, d:], lse[0].view(H, L)
