@@ -1,31 +1,44 @@
-"""Fused probe kernel: one multi-image attention call and its native matches from the same logits.
+"""Fused probe kernel: one multi-image attention call and its native matches, sharing the softmax.
 
-The probe's exact mode lets the model's own kernel (SDPA) compute the attention output and then
-computes the cross-image logits ``scale * q_i . k_j`` a second time for matching (SDPA returns no
-weights). The fused mode computes, for the recorded batch entry, the attention output itself from the
-logits the matching reads:
+The probe's exact mode lets the model's own kernel (SDPA) compute the attention output and then, for
+matching, computes the cross-image logits ``scale * q_i . k_j`` a second time and runs its own softmax
+normalisers over them (max, exp, sum per target image). The fused mode serves the recorded batch entry's
+output and the matching's normalisers from one softmax pass over all ``V*N`` keys; the logits are read
+once more only for the per-image argmax, which no attention kernel returns. Two implementations:
 
-for each block of ``C = chunk_size`` query rows of one head (``heads="mean"``: ``chunk_size // heads`` rows
-of all heads), so at most ``chunk_size x V*N`` logits exist at once, never the full ``V*N x V*N`` map:
+**per_head + global confidence, float32 on the CPU** (the probe's defaults; the fast path):
 
-1. ``S = (scale q) k^T`` over all ``V*N`` keys (one matmul; the only pass that reads q and k);
-2. per target image block: max and first argmax (``max_pool1d`` with indices: one pass, the argmax of
+1. torch's flash-attention kernel on the entry with ``V`` one-hot columns appended to v (and zero columns
+   to q, k, which leave the dot products unchanged): it returns the output, each row's attention mass on
+   every image block ``Z_b / Z`` (the one-hot columns' output) and ``log Z`` (its log-sum-exp);
+2. in blocks of ``chunk_size // heads`` query rows of all heads (at most ``chunk_size x V*N`` logits exist
+   at once): ``S = (scale q) k^T``, per target image block its max ``m_b`` and first argmax (three
+   vectorised passes, see :func:`_first_block_argmax`; the argmax of
    :func:`corrlab.probing.matcher.match_views`, whose ties also resolve to the first index);
-3. ``M`` = the row max (the largest block max), ``E = exp(S - M)`` in place, block sums ``Z_b``;
-4. the attention output ``(E @ v) / sum_b Z_b`` (what SDPA computes, up to float rounding);
-5. the matching confidence of block b, ``max_l softmax_l(S_b) = exp(m_b - M) / Z_b`` (the same number
-   as the matcher's ``1 / sum_l exp(S_l - m_b)``, from the shared exponentials). Where a block's max lies
-   more than :data:`UNDERFLOW_GAP` below the row max its exponentials lose precision, and that block's
-   confidence is recomputed from fresh logits (rare: a row that ignores a whole image).
+3. the confidence ``max_l softmax_l(S_b) = exp(m_b - log Z) / (Z_b / Z)`` (the matcher's
+   ``1 / sum_l exp(S_l - m_b)``). Where a block's max lies more than :data:`UNDERFLOW_GAP` below the row
+   max its mass lost precision, and that block's confidence is recomputed from the block's logits (rare:
+   a row that ignores a whole image). No exponential of the logits is taken outside the kernel.
 
-Supported matching options: ``similarity="softmax"``, ``heads`` ``"per_head"`` or ``"mean"`` (the
-head-averaged logits ``mean_h S_h``, then the same scores), ``confidence`` ``"global"`` or ``"window"``
-(read from ``S`` before step 3), ``threshold`` / ``strict``. ``dual_softmax`` and ``mutual`` need a
-second pass over all source rows (their column statistics) and are left to the exact mode.
+**every other supported case** (``heads="mean"``, ``confidence="window"``, other dtypes or devices): in the
+same blocks, ``S`` once; block max and first argmax as above (of the head-averaged logits ``mean_h S_h``
+for ``heads="mean"``); ``P = softmax(S)`` over all keys (torch's softmax kernel, into a reused buffer);
+the output ``P @ v``; the global confidence ``P[argmax_b] / sum_{l in b} P_l`` from the same
+exponentials (``heads="mean"``: one exp pass over the averaged logits; ``"window"``: the window softmax
+of :mod:`corrlab.probing.matcher`, read from ``S``).
 
-Tolerance: the output differs from SDPA's only by float32 rounding of a different summation order
-(``|out - sdpa| <= 1e-5 + 1e-4 |sdpa|``, see tests/test_interception.py); matches equal the exact
-mode's except where two logits of a row are within rounding of each other (a tie that may flip).
+Supported matching options: ``similarity="softmax"``, ``heads`` ``"per_head"`` or ``"mean"``,
+``confidence`` ``"global"`` or ``"window"``, ``threshold`` / ``strict``. ``dual_softmax`` and ``mutual``
+need a second pass over all source rows (their column statistics) and are left to the exact mode.
+
+Tolerance: the output differs from SDPA's only by float32 rounding (the fast path runs SDPA's own kernel,
+with a head size of ``d + V``; the general path sums in a different order):
+``|out - sdpa| <= 1e-5 + 1e-4 |sdpa|``, see tests/test_interception.py; matches equal the exact mode's
+except where two logits of a row are within rounding of each other (a tie that may flip).
+
+Cost (embedded model, CPU, 1 thread; ``benchmarks/probe_overhead.py`` and the README): the fast path costs
+about three SDPA calls' worth per recorded entry (SDPA at head size ``d + V``, the logits matmul, the
+argmax passes), the general path slightly more; see the README for the measured overheads.
 """
 from __future__ import annotations
 
