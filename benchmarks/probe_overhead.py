@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     summary = {
         "model": "shipped" if what.startswith("weights") else "random_init", "device": args.device,
         "steps": args.steps, "views": args.views, "size": pipe.sample_size, "layers": n_layers,
-        "one_layer": args.layer, "heads": args.heads, "every": args.every, "repeats": args.repeats,
+        "one_layer": args.layer, "heads": args.heads, "chunk_size": args.chunk_size, "every": args.every, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "default_kernel": "exact", "cpu_none_s": round(med_cpu["none"], 3),
     }
     for mode in MODES[1:]:

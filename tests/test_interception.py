@@ -343,3 +343,15 @@ def test_fused_mode_rejects_options_it_cannot_serve():
         with probe(pipe, kernel="approximate"):
             pass
     assert_nothing_patched(pipe.model)
+
+
+def test_fused_kernel_general_path_for_float64_matches_sdpa_and_the_exact_matches():
+    """float64 skips the flash-kernel fast path (float32 only): the block-wise softmax path serves per_head /
+    global too; its output is float64 softmax(S) v summed in another order (far inside the float32 tolerance)."""
+    q, k, v = (x.double() for x in random_qkv())
+    scale = 8 ** -0.5
+    out, index, conf, kept = fused_attention_matches(q, k, v, (4, 5), scale=scale, chunk_size=7)
+    assert out.dtype == torch.float64
+    ref = F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale)[0]
+    assert torch.allclose(out, ref, atol=OUT_ATOL, rtol=OUT_RTOL)
+    compare_with_exact(q, k, (4, 5), scale, index, conf, kept, "per_head", "global")

@@ -1,38 +1,51 @@
-"""Fused probe kernel: one multi-image attention call and its native matches from the same logits.
+"""Fused probe kernel: one multi-image attention call and its native matches, sharing the softmax.
 
-The probe's exact mode lets the model's own kernel (SDPA) compute the attention output and then
-computes the cross-image logits ``scale * q_i . k_j`` a second time for matching (SDPA returns no
-weights). The fused mode computes, for the recorded batch entry, the attention output itself from the
-logits the matching reads:
+The probe's exact mode lets the model's own kernel (SDPA) compute the attention output and then, for
+matching, computes the cross-image logits ``scale * q_i . k_j`` a second time and runs its own softmax
+normalisers over them (max, exp, sum per target image). The fused mode serves the recorded batch entry's
+output and the matching's normalisers from one softmax pass over all ``V*N`` keys; the logits are read
+once more only for the per-image argmax, which no attention kernel returns. Two implementations:
 
-for each block of ``C = chunk_size`` query rows of one head (``heads="mean"``: ``chunk_size // heads`` rows
-of all heads), so at most ``chunk_size x V*N`` logits exist at once, never the full ``V*N x V*N`` map:
+**per_head + global confidence, float32 on the CPU** (the probe's defaults; the fast path):
 
-1. ``S = (scale q) k^T`` over all ``V*N`` keys (one matmul; the only pass that reads q and k);
-2. per target image block: max and first argmax (``max_pool1d`` with indices: one pass, the argmax of
+1. torch's flash-attention kernel on the entry with ``V`` one-hot columns appended to v (and zero columns
+   to q, k, which leave the dot products unchanged): it returns the output, each row's attention mass on
+   every image block ``Z_b / Z`` (the one-hot columns' output) and ``log Z`` (its log-sum-exp);
+2. in blocks of ``chunk_size // heads`` query rows of all heads (at most ``chunk_size x V*N`` logits exist
+   at once): ``S = (scale q) k^T``, per target image block its max ``m_b`` and first argmax (three
+   vectorised passes, see :func:`_first_block_argmax`; the argmax of
    :func:`corrlab.probing.matcher.match_views`, whose ties also resolve to the first index);
-3. ``M`` = the row max (the largest block max), ``E = exp(S - M)`` in place, block sums ``Z_b``;
-4. the attention output ``(E @ v) / sum_b Z_b`` (what SDPA computes, up to float rounding);
-5. the matching confidence of block b, ``max_l softmax_l(S_b) = exp(m_b - M) / Z_b`` (the same number
-   as the matcher's ``1 / sum_l exp(S_l - m_b)``, from the shared exponentials). Where a block's max lies
-   more than :data:`UNDERFLOW_GAP` below the row max its exponentials lose precision, and that block's
-   confidence is recomputed from fresh logits (rare: a row that ignores a whole image).
+3. the confidence ``max_l softmax_l(S_b) = exp(m_b - log Z) / (Z_b / Z)`` (the matcher's
+   ``1 / sum_l exp(S_l - m_b)``). Where a block's max lies more than :data:`UNDERFLOW_GAP` below the row
+   max its mass lost precision, and that block's confidence is recomputed from the block's logits (rare:
+   a row that ignores a whole image). No exponential of the logits is taken outside the kernel.
 
-Supported matching options: ``similarity="softmax"``, ``heads`` ``"per_head"`` or ``"mean"`` (the
-head-averaged logits ``mean_h S_h``, then the same scores), ``confidence`` ``"global"`` or ``"window"``
-(read from ``S`` before step 3), ``threshold`` / ``strict``. ``dual_softmax`` and ``mutual`` need a
-second pass over all source rows (their column statistics) and are left to the exact mode.
+**every other supported case** (``heads="mean"``, ``confidence="window"``, other dtypes or devices): in the
+same blocks, ``S`` once; block max and first argmax as above (of the head-averaged logits ``mean_h S_h``
+for ``heads="mean"``); ``P = softmax(S)`` over all keys (torch's softmax kernel, into a reused buffer);
+the output ``P @ v``; the global confidence ``P[argmax_b] / sum_{l in b} P_l`` from the same
+exponentials (``heads="mean"``: one exp pass over the averaged logits; ``"window"``: the window softmax
+of :mod:`corrlab.probing.matcher`, read from ``S``).
 
-Tolerance: the output differs from SDPA's only by float32 rounding of a different summation order
-(``|out - sdpa| <= 1e-5 + 1e-4 |sdpa|``, see tests/test_interception.py); matches equal the exact
-mode's except where two logits of a row are within rounding of each other (a tie that may flip).
+Supported matching options: ``similarity="softmax"``, ``heads`` ``"per_head"`` or ``"mean"``,
+``confidence`` ``"global"`` or ``"window"``, ``threshold`` / ``strict``. ``dual_softmax`` and ``mutual``
+need a second pass over all source rows (their column statistics) and are left to the exact mode.
+
+Tolerance: the output differs from SDPA's only by float32 rounding (the fast path runs SDPA's own kernel,
+with a head size of ``d + V``; the general path sums in a different order):
+``|out - sdpa| <= 1e-5 + 1e-4 |sdpa|``, see tests/test_interception.py; matches equal the exact mode's
+except where two logits of a row are within rounding of each other (a tie that may flip).
+
+Cost (embedded model, CPU, 1 thread; ``benchmarks/probe_overhead.py`` and the README): the fast path costs
+about three SDPA calls' worth per recorded entry (SDPA at head size ``d + V``, the logits matmul, the
+argmax passes), the general path slightly more; see the README for the measured overheads.
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import CorrlabError, ShapeError, describe
-from .matcher import _window_centre_probability, max_argmax
+from .matcher import Workspace, _window_centre_probability
 
 __all__ = ["fused_attention_matches", "check_fused_options", "UNDERFLOW_GAP"]
 
@@ -55,9 +68,20 @@ def check_fused_options(options: dict) -> None:
         )
 
 
-def _block_max(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and first argmax over consecutive blocks of ``n`` along the last dim: ``(..., B*n) -> (..., B)``."""
-    return max_argmax(x.unflatten(-1, (x.shape[-1] // n, n)))
+def _first_block_argmax(blocks: torch.Tensor, block_max: torch.Tensor, ramp: torch.Tensor,
+                        work: torch.Tensor) -> torch.Tensor:
+    """First index of each block's max, ``(..., n) -> (...)`` long, in three vectorised passes.
+
+    ``block_max``: ``blocks.amax(-1, keepdim=True)``; ``ramp``: ``(n, n-1, ..., 1)`` in blocks' dtype; ``work``:
+    a scratch tensor of blocks' shape and dtype. ``work = (blocks >= max) * ramp`` holds ``n - position`` at every
+    maximum and 0 elsewhere, so its max is ``n`` minus the first maximum's position: the argmax of
+    :func:`corrlab.probing.matcher.max_argmax` (ties resolve to the first index). On this CPU (AVX2) the three
+    passes measured 60-80 % of ``max_pool1d`` with indices (which does not vectorise over a row).
+    """
+    n = blocks.shape[-1]
+    torch.ge(blocks, block_max, out=work)
+    first = work.mul_(ramp).amax(-1)
+    return first.neg_().add_(n).long().clamp_(0, n - 1)  # clamp: a NaN row (no maximum found) stays in range
 
 
 @torch.no_grad()
@@ -76,6 +100,7 @@ def fused_attention_matches(
     strict: bool = False,
     similarity: str = "softmax",
     mutual: bool = False,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention output of one batch entry and the native matches of every ordered image pair.
 
@@ -86,6 +111,9 @@ def fused_attention_matches(
         scale: the kernel's softmax scale.
         heads, confidence, threshold, window_radius, chunk_size, strict: matching options (see
             :mod:`corrlab.probing.matcher`); ``similarity`` / ``mutual`` must be their one-pass values.
+            ``chunk_size`` bounds the logits that exist at once to ``chunk_size x V*N`` (all heads of
+            ``chunk_size // heads`` query rows per block).
+        workspace: scratch buffers reused across calls (a probe keeps one); None = fresh ones.
 
     Returns:
         ``out (heads, V*N, d)`` in q's dtype, and ``index``, ``confidence`` (float32), ``kept``, each
@@ -93,7 +121,7 @@ def fused_attention_matches(
         image against itself, not a match; callers drop it). ``H'`` = heads, or 1 for ``heads="mean"``.
     """
     check_fused_options({"similarity": similarity, "mutual": mutual})
-    if q.ndim != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
+    if q.ndim != 3 or k.shape != q.shape or v.ndim != 3 or v.shape[:2] != q.shape[:2]:
         raise ShapeError(f"q, k, v: expected (heads, V*N, d) self-attention tensors, got {describe(q)}, "
                          f"{describe(k)}, {describe(v)}")
     H, L, d = q.shape
@@ -102,60 +130,94 @@ def fused_attention_matches(
     if n < 1 or L % n:
         raise ShapeError(f"grid: expected h*w to divide the {L} tokens, got {grid!r}")
     V = L // n
+    dev = q.device
     dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    ws = workspace if workspace is not None else Workspace()
     qs = q.to(dtype) * float(scale)
-    k_t = k.to(dtype).transpose(-1, -2).contiguous()  # (H, d, L)
-    vv = v.to(dtype).contiguous()
-    hp = H if heads == "per_head" else 1
-    out = torch.empty((H, L, v.shape[-1]), dtype=dtype, device=q.device)
-    index = torch.empty((hp, V, V, n), dtype=torch.long, device=q.device)
-    conf = torch.empty((hp, V, V, n), dtype=dtype, device=q.device)
-    # per_head: one head at a time (2-D matmuls, a C x L block stays in cache), C = chunk_size rows;
-    # mean: all heads of C = chunk_size // heads rows at once (the head average needs them together)
-    group = 1 if heads == "per_head" else H
-    rows = max(1, int(chunk_size) // group)
-    buf = torch.empty(group * min(rows, n) * L, dtype=dtype, device=q.device)  # reused by every block
+    k_t = k.to(dtype).transpose(-1, -2)  # (H, d, L): a view, the matmul reads it transposed
+    vv = v.to(dtype)
+    mean = heads == "mean"
+    hp = 1 if mean else H
+    dv = v.shape[-1]
+    out = torch.empty((H, L, dv), dtype=dtype, device=dev)
+    index = torch.empty((hp, L, V), dtype=torch.long, device=dev)  # (head, source token, target image)
+    conf = torch.empty((hp, L, V), dtype=dtype, device=dev)
+    ramp = torch.arange(n, 0, -1, dtype=dtype, device=dev)
+    rows = max(1, min(L, int(chunk_size) // H))  # all heads of `rows` query rows: chunk_size x L logits
 
-    for h0 in range(0, H, group):
-        hs = slice(h0, h0 + group)
-        for i in range(V):
-            for s0 in range(0, n, rows):
-                s1 = min(s0 + rows, n)
-                C, r0, r1 = s1 - s0, i * n + s0, i * n + s1
-                S = torch.matmul(qs[hs, r0:r1], k_t[hs], out=buf[: group * C * L].view(group, C, L))  # (G, C, L)
-                blocks = S.view(group, C, V, n)
-                vals, idx = _block_max(S, n)  # (G, C, V): per-head block max and first argmax
-                row_max = vals.amax(-1, keepdim=True)  # (G, C, 1)
-                target = (slice(None) if heads == "mean" else hs, i, slice(None), slice(s0, s1))
-                if heads == "mean":
-                    mean = S.mean(0, keepdim=True)  # (1, C, L): the head-averaged logits
-                    m_vals, m_idx = _block_max(mean, n)
-                    mb = mean.view(1, C, V, n)
-                    if confidence == "window":
-                        c = _window_centre_probability(mb.transpose(1, 2), m_idx.transpose(1, 2), (h, w), window_radius)
-                    else:
-                        c = 1.0 / (mb - m_vals.unsqueeze(-1)).exp_().sum(-1).transpose(1, 2)
-                    index[target] = m_idx.transpose(1, 2)
-                    conf[target] = c
-                elif confidence == "window":
-                    index[target] = idx.transpose(1, 2)
-                    conf[target] = _window_centre_probability(blocks.transpose(1, 2), idx.transpose(1, 2), (h, w),
-                                                              window_radius)
-                S.sub_(row_max).exp_()
-                z_blocks = blocks.sum(-1)  # (G, C, V)
-                o = out[hs, r0:r1]
-                torch.matmul(S, vv[hs], out=o)
-                o.div_(z_blocks.sum(-1, keepdim=True))
-                if heads == "per_head" and confidence == "global":
-                    gap = vals - row_max
-                    c = gap.exp().div_(z_blocks)
-                    low = gap < -UNDERFLOW_GAP
-                    if bool(low.any()):  # recompute those blocks' normalisers from fresh logits
-                        fresh = torch.matmul(qs[hs, r0:r1], k_t[hs]).view(group, C, V, n)
-                        exact = 1.0 / (fresh - vals.unsqueeze(-1)).exp_().sum(-1)
-                        c = torch.where(low, exact, c)
-                    index[target] = idx.transpose(1, 2)
-                    conf[target] = c.transpose(1, 2)
-    threshold_t = torch.tensor(float(threshold), dtype=dtype, device=q.device)
+    sdpa = _sdpa_with_block_masses(qs, k.to(dtype), vv, n, 1.0) if not mean and confidence == "global" else None
+    if sdpa is not None:
+        # output, block masses Z_b / Z and log Z from torch's kernel; the logits again (in blocks) for the
+        # argmax, which no kernel returns: confidence of block b = exp(m_b - log Z) / (Z_b / Z)
+        out, mass, lse = sdpa
+        for r0 in range(0, L, rows):
+            r1 = min(r0 + rows, L)
+            C = r1 - r0
+            S = torch.matmul(qs[:, r0:r1], k_t, out=ws.get("fused_logits", (H, C, L), dtype, dev))
+            blocks = S.view(H, C, V, n)
+            block_max = blocks.amax(-1, keepdim=True)  # (H, C, V, 1)
+            work = ws.get("fused_work", (H, C, V, n), dtype, dev)
+            index[:, r0:r1] = _first_block_argmax(blocks, block_max, ramp, work)
+            bm = block_max.squeeze(-1)
+            c = torch.sub(bm, lse[:, r0:r1, None]).exp_().div_(mass[:, r0:r1]).clamp_(max=1.0)
+            low = (bm - bm.amax(-1, keepdim=True)) < -UNDERFLOW_GAP
+            if bool(low.any()):  # a block far below the row max: its mass lost precision; from the logits
+                c = torch.where(low, torch.sub(blocks, block_max, out=work).exp_().sum(-1).reciprocal_(), c)
+            conf[:, r0:r1] = c
+
+    for r0 in range(0, L if sdpa is None else 0, rows):
+        r1 = min(r0 + rows, L)
+        C = r1 - r0
+        S = torch.matmul(qs[:, r0:r1], k_t, out=ws.get("fused_logits", (H, C, L), dtype, dev))  # (H, C, L)
+        src = torch.mean(S, 0, keepdim=True, out=ws.get("fused_mean", (1, C, L), dtype, dev)) if mean else S
+        blocks = src.view(hp, C, V, n)
+        block_max = blocks.amax(-1, keepdim=True)  # (H', C, V, 1)
+        work = ws.get("fused_work", (hp, C, V, n), dtype, dev)
+        idx = _first_block_argmax(blocks, block_max, ramp, work)  # (H', C, V)
+        index[:, r0:r1] = idx
+        if confidence == "window":
+            conf[:, r0:r1] = _window_centre_probability(blocks, idx, (h, w), window_radius)
+        elif mean:  # the head-averaged logits are not the output's: their own exponentials
+            conf[:, r0:r1] = torch.sub(blocks, block_max, out=work).exp_().sum(-1).reciprocal_()
+        # the output: softmax over all V*N keys (torch's fused kernel: max, exp, sum, scale), then P @ v
+        P = torch.ops.aten._softmax.out(S, -1, False, out=ws.get("fused_probs", (H, C, L), dtype, dev))
+        out[:, r0:r1] = torch.matmul(P, vv, out=ws.get("fused_out", (H, C, dv), dtype, dev))
+        if not mean and confidence == "global":
+            # confidence of block b from the same exponentials: P at its argmax over P's sum over the block
+            pb = P.view(H, C, V, n)
+            c = pb.gather(-1, idx.unsqueeze(-1)).squeeze(-1).div_(pb.sum(-1))
+            gap = block_max.squeeze(-1)
+            gap = gap - gap.amax(-1, keepdim=True)  # block max - row max, <= 0
+            low = gap < -UNDERFLOW_GAP
+            if bool(low.any()):  # those blocks' exponentials lost precision: normalisers from fresh logits
+                fresh = torch.matmul(qs[:, r0:r1], k_t).view(H, C, V, n)
+                exact = torch.sub(fresh, block_max).exp_().sum(-1).reciprocal_()
+                c = torch.where(low, exact, c)
+            conf[:, r0:r1] = c
+    index = index.view(hp, V, n, V).permute(0, 1, 3, 2)  # (H', source image, target image, N)
+    conf = conf.view(hp, V, n, V).permute(0, 1, 3, 2)
+    threshold_t = torch.tensor(float(threshold), dtype=dtype, device=dev)
     kept = conf > threshold_t if strict else conf >= threshold_t
     return out.to(q.dtype), index, conf.to(torch.float32), kept
+
+
+def _sdpa_with_block_masses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float):
+    """torch's CPU flash-attention kernel on ``(H, L, d)`` tensors, with ``V = L // n`` one-hot columns appended to v.
+
+    Returns ``(out (H, L, d), mass (H, L, V), lse (H, L))``: the attention output, each row's attention mass
+    on every image block (``sum_{l in b} softmax(S)_l = Z_b / Z``) and the row's log-sum-exp ``log Z``, all
+    from the kernel's one pass over the logits. q and k get V zero columns (dot products unchanged) so the
+    three share a head size, as the kernel requires. None when the kernel is not available here.
+    """
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or q.device.type != "cpu" or q.dtype != torch.float32 or v.shape[-1] != q.shape[-1]:
+        return None
+    H, L, d = q.shape
+    V = L // n
+    onehot = torch.zeros((L, V), dtype=q.dtype)
+    onehot.view(V, n, V).diagonal(dim1=0, dim2=2).fill_(1.0)  # token t of image b: column b
+    qp = torch.nn.functional.pad(q, (0, V))[None]
+    kp = torch.nn.functional.pad(k, (0, V))[None]
+    vp = torch.cat([v, onehot.expand(H, L, V)], dim=-1)[None]
+    out, lse = op(qp, kp, vp, scale=float(scale))[:2]
+    return out[0, :, :, :d], out[0, :, :, d:], lse[0].view(H, L)

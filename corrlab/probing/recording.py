@@ -25,10 +25,12 @@ candidates are the tokens of the same row of each other image, so matching runs 
 attribute (the row constraint is exact epipolar geometry only for orthographic views at elevation 0).
 
 Kernel modes: ``kernel="exact"`` (the default) lets the model's own kernel (SDPA) compute every output
-and computes the cross-image logits a second time for matching: the generation is bit-identical to an
-unprobed one. ``kernel="fused"`` computes the recorded batch entry's attention output of a recorded call
-from the same logits the matching reads (:mod:`corrlab.probing.fused_attention`; the other batch entries
-and unrecorded calls still run the model's kernel), which removes the second q.k^T: outputs then equal
+and computes the cross-image logits a second time for matching, with its own softmax normalisers: the
+generation is bit-identical to an unprobed one. ``kernel="fused"`` computes the recorded batch entry's
+attention output of a recorded call and the matching's normalisers from one softmax pass
+(:mod:`corrlab.probing.fused_attention`; the other batch entries and unrecorded calls still run the
+model's kernel), which removes the matcher's exponentials (the logits are read again only for the argmax,
+which no attention kernel returns): outputs then equal
 SDPA's up to float32 rounding (a different summation order), so a probed generation is no longer
 bit-identical to an unprobed one, and over many steps such differences can grow. Exact stays the
 default because corrlab's contract is that a probe observes: the record describes the very images the
@@ -131,7 +133,8 @@ class ProbeRecorder:
         layout = call.layout
         opts = {name: self._matcher_kwargs[name] for name in ("heads", "confidence", "threshold", "window_radius",
                                                                "chunk_size", "strict", "similarity", "mutual")}
-        out_b, index, conf, kept = fused_attention_matches(q[b], k[b], v[b], layout.grid, scale=call.scale, **opts)
+        out_b, index, conf, kept = fused_attention_matches(q[b], k[b], v[b], layout.grid, scale=call.scale,
+                                                            workspace=self.workspace, **opts)
         num_images = layout.num_images
         hp = index.shape[0]
         self.builder.add_layer(call.layer, layout.grid, hp, layout.token_centres(), layout.image_size,
