@@ -78,7 +78,8 @@ def load_pipeline(model: str = "default", seed: int = 0, verbose: bool = True):
                   "every number below describes an untrained model.")
         return untrained_pipeline(seed)
     if verbose:
-        cfg = pipe.model.config
-        print(f"embedded model: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.sample_size} px, "
-              f"patch {cfg.patch_size}")
+        m = pipe.model
+        params = sum(p.numel() for p in m.parameters())
+        refs = "takes reference views" if pipe.supports_reference else "text only"
+        print(f"embedded model: {type(m).__name__}, {params / 1e6:.1f} M parameters, {m.config.sample_size} px, {refs}")
     return pipe
