@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CorrlabError, FormatError, check_choice
 from .consistency import attention_ce_loss, feature_consistency_loss, token_correspondences
+from .train import checkpoint_dirs, write_checkpoint
 from .lora import ATTENTION_TARGETS, ADAPTER_FILE, add_lora, base_fingerprint, lora_state_dict, save_lora
 
 __all__ = ["ConsistencyConfig", "ConsistencyTrainer", "LOSSES", "consistency_step_plan"]
@@ -188,8 +187,7 @@ class ConsistencyTrainer:
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint_dirs(self) -> list[Path]:
-        root = self.out / "checkpoints"
-        return sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
+        return checkpoint_dirs(self.out)
 
     def metadata(self) -> dict:
         c = self.config
@@ -199,20 +197,12 @@ class ConsistencyTrainer:
                 "base_class": type(self.model).__name__}
 
     def save_checkpoint(self) -> Path:
-        root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step_{self.step:07d}"
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
-        save_lora(self.model, tmp, self.metadata())
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "wall_s": self.wall, "cpu_s": self.cpu,
-                                                    "base_sha256": self.base_sha256}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        def write_files(tmp: Path) -> None:
+            save_lora(self.model, tmp, self.metadata())
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+
+        state = {"step": self.step, "wall_s": self.wall, "cpu_s": self.cpu, "base_sha256": self.base_sha256}
+        return write_checkpoint(self.out, self.step, write_files, state, self.config.keep_checkpoints)
 
     def resume(self) -> bool:
         """Load the newest checkpoint under ``out/checkpoints`` (it must belong to the same base)."""

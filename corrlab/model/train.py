@@ -231,6 +231,30 @@ def _atomic_json_line(path: Path, record: dict) -> None:
         f.flush()
 
 
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints ``out/checkpoints/step_XXXXXXX`` (those with a ``state.json``), oldest first."""
+    root = Path(out) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
+
+
+def write_checkpoint(out: Path, step: int, write_files: Callable[[Path], None], state: dict, keep: int) -> Path:
+    """Atomically write ``out/checkpoints/step_{step:07d}``: ``write_files(tmp_dir)`` fills a temporary sibling,
+    ``state.json`` (``state``) marks it complete, ``os.replace`` publishes it; only the newest ``keep`` stay."""
+    root = Path(out) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
+    write_files(tmp)
+    (tmp / "state.json").write_text(json.dumps(state))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 # ---------------------------------------------------------------------------- trainer
 class Trainer:
     """Owns model, EMA copy and optimiser; ``run()`` trains to ``config.steps`` with checkpoints."""
@@ -261,24 +285,16 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_dirs(self) -> list[Path]:
-        root = self.out / "checkpoints"
-        return sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
+        return checkpoint_dirs(self.out)
 
     def save_checkpoint(self) -> Path:
-        root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step_{self.step:07d}"
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
-        self.model.save_pretrained(tmp / "model", safe_serialization=True)
-        self.ema.save_pretrained(tmp / "ema", safe_serialization=True)
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "wall_s": self.wall, "cpu_s": self.cpu}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        def write_files(tmp: Path) -> None:
+            self.model.save_pretrained(tmp / "model", safe_serialization=True)
+            self.ema.save_pretrained(tmp / "ema", safe_serialization=True)
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+
+        state = {"step": self.step, "wall_s": self.wall, "cpu_s": self.cpu}
+        return write_checkpoint(self.out, self.step, write_files, state, self.config.keep_checkpoints)
 
     def resume(self) -> bool:
         """Load the newest checkpoint under ``out/checkpoints``; False when there is none."""
