@@ -131,10 +131,8 @@ class ProbeRecorder:
         B = q.shape[0]
         b = self._batch_entry(B)
         layout = call.layout
-        opts = {name: self._matcher_kwargs[name] for name in ("heads", "confidence", "threshold", "window_radius",
-                                                               "chunk_size", "strict", "similarity", "mutual")}
         out_b, index, conf, kept = fused_attention_matches(q[b], k[b], v[b], layout.grid, scale=call.scale,
-                                                            workspace=self.workspace, **opts)
+                                                            workspace=self.workspace, **self._matcher_kwargs)
         num_images = layout.num_images
         hp = index.shape[0]
         self.builder.add_layer(call.layer, layout.grid, hp, layout.token_centres(), layout.image_size,
