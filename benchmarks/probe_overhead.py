@@ -1,8 +1,9 @@
 """Probe overhead: CPU time, wall time and peak memory of a generation probed at one layer / all layers.
 
 In one process, on the same prompt, seed and cameras, times a full ``pipe(...)`` generation
-(median over --repeats, modes interleaved round-robin after one warm-up each, so load drift on a
-shared machine hits all modes alike), for both kernel modes of the probe (``--kernels``):
+(--repeats rounds, modes interleaved round-robin after one warm-up each; the headline ratio of a mode is
+the median over rounds of its CPU time divided by the same round's unprobed time, so load that drifts on a
+shared machine cancels within a round), for both kernel modes of the probe (``--kernels``):
 
 * ``none``: no probe (the baseline);
 * ``exact_one`` / ``fused_one``: ``probe(pipe, layers=[--layer], kernel=...)``, one layer at every step;
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--prompt", default="red striped box")
     ap.add_argument("--layer", help="the one layer of mode 'one' (default: the last multi-image layer)")
@@ -160,14 +161,18 @@ def main(argv=None) -> int:
             cpu[mode].append(time.process_time() - c0)
     med = {m: statistics.median(v) for m, v in times.items()}
     med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
+    # paired: each round's probed run against the same round's unprobed run, then the median over rounds
+    # (load that drifts over minutes on a shared machine cancels within a round)
+    paired_cpu = {m: statistics.median(a / b for a, b in zip(cpu[m], cpu["none"])) for m in MODES}
+    paired_wall = {m: statistics.median(a / b for a, b in zip(times[m], times["none"])) for m in MODES}
     n_layers = len(probe.layers(pipe.model))
     print(f"model: {what}; {args.views} views x {pipe.sample_size}px, {args.steps} steps, guidance {args.guidance}, "
           f"{n_layers} multi-image layers, device {args.device}, torch threads {torch.get_num_threads()}; "
           f"matching heads={args.heads}, recording every {args.every} step(s)")
     for mode in MODES:
-        print(f"{mode:>9}: process CPU time median {med_cpu[mode]:.3f} s ({', '.join(f'{t:.3f}' for t in cpu[mode])})"
-              f"  ratio {med_cpu[mode] / med_cpu['none']:.3f}; wall median {med[mode]:.3f} s"
-              f"  ratio {med[mode] / med['none']:.3f}")
+        print(f"{mode:>9}: process CPU time median {med_cpu[mode]:.3f} s ({', '.join(f'{t:.3f}' for t in cpu[mode])});"
+              f" paired ratio {paired_cpu[mode]:.3f} (ratio of medians {med_cpu[mode] / med_cpu['none']:.3f});"
+              f" wall median {med[mode]:.3f} s, paired ratio {paired_wall[mode]:.3f}")
     summary = {
         "model": "shipped" if what.startswith("weights") else "random_init", "device": args.device,
         "steps": args.steps, "views": args.views, "size": pipe.sample_size, "layers": n_layers,
@@ -175,8 +180,8 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(), "default_kernel": "exact", "cpu_none_s": round(med_cpu["none"], 3),
     }
     for mode in MODES[1:]:
-        summary[f"cpu_ratio_{mode}"] = round(med_cpu[mode] / med_cpu["none"], 3)
-        summary[f"wall_ratio_{mode}"] = round(med[mode] / med["none"], 3)
+        summary[f"cpu_ratio_{mode}"] = round(paired_cpu[mode], 3)
+        summary[f"wall_ratio_{mode}"] = round(paired_wall[mode], 3)
     summary.update({"goal_one": 1.05, "goal_all": 1.25, "exact_bit_identical": identical})
     if "fused" in kernels:
         summary["fused_max_abs_diff"] = f"{fused_diff:.2e}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import xarray as xr
 
-from corrlab.errors import CorrlabError, FormatError
+from corrlab.errors import CorrlabError, FormatError, ShapeError
 from corrlab.geometry import Camera, look_at
 from corrlab.probing.record import ProbeRecord, RecordBuilder
 
@@ -193,3 +193,27 @@ def test_unknown_versions_and_mixed_layouts_are_format_errors(tmp_path):
     partial = rec.ds.drop_vars(["camera_t"])
     with pytest.raises(FormatError, match="camera_K"):
         ProbeRecord(partial)
+
+
+def test_add_all_stores_what_add_per_source_stores():
+    """The fused probe stores a whole (H', V, V, N) call at once: the same Dataset as one add per source image,
+    the diagonal (an image against itself) left empty whatever the input holds there."""
+    g = torch.Generator().manual_seed(3)
+    hp, V, n = 2, 3, 16
+    idx = torch.randint(0, n, (hp, V, V, n), generator=g)
+    conf = torch.rand(hp, V, V, n, generator=g)
+    kept = conf > 0.4
+    per_source = RecordBuilder({"threshold": 0.05})
+    at_once = RecordBuilder({"threshold": 0.05})
+    for b in (per_source, at_once):
+        b.add_layer("blocks.0.attn", (4, 4), hp, centres(4, 4, 8), (32, 32))
+    for src in range(V):
+        tgts = [j for j in range(V) if j != src]
+        per_source.add("blocks.0.attn", 0, 0.5, src, tgts, idx[:, src, tgts], conf[:, src, tgts], kept[:, src, tgts], V)
+    at_once.add_all("blocks.0.attn", 0, 0.5, idx, conf, kept)
+    a = ProbeRecord(builder=per_source).ds
+    b = ProbeRecord(builder=at_once).ds
+    assert a.equals(b)
+    assert (b["match_row"].values[0, 0, [0, 1, 2], [0, 1, 2]] == -1).all()
+    with pytest.raises(ShapeError, match="expected shape"):
+        at_once.add_all("blocks.0.attn", 1, 0.4, idx[:, :2], conf[:, :2], kept[:, :2])

@@ -1,44 +1,44 @@
-"""Fused probe kernel: one multi-image attention call and its native matches, sharing the softmax.
+"""Fused probe kernel: one multi-image attention call and its native matches, from the same logits.
 
 The probe's exact mode lets the model's own kernel (SDPA) compute the attention output and then, for
 matching, computes the cross-image logits ``scale * q_i . k_j`` a second time and runs its own softmax
-normalisers over them (max, exp, sum per target image). The fused mode serves the recorded batch entry's
-output and the matching's normalisers from one softmax pass over all ``V*N`` keys; the logits are read
-once more only for the per-image argmax, which no attention kernel returns. Two implementations:
+normalisers over them (max, exp, sum per target image). The fused mode computes the recorded batch entry's
+output and its matches from one set of logits. Three implementations, chosen per call:
 
-**per_head + global confidence, float32 on the CPU** (the probe's defaults; the fast path):
+**compiled** (per_head + global confidence, float32 on the CPU: the probe's defaults; used wherever a C compiler
+is present): :func:`corrlab.probing.match_kernel.attention_matches`, one C call per layer call. Per head and per
+block of a few query rows it forms the logits (a register tile), each target image block's max and first argmax
+(the argmax of :func:`corrlab.probing.matcher.match_views`, whose ties also resolve to the first index), the
+softmax numerators ``P = exp(S - M)`` with the row sum ``Z``, the global confidence
+``1 / sum_{l in b} exp(S_l - m_b) = exp(m_b - M) / Z_b``, and ``(P @ v) / Z``. The logits of those few rows are the
+only intermediate. Where a block's max lies more than :data:`UNDERFLOW_GAP` below the row max, that block's
+confidence is summed from its own max (its numerators lose precision there).
 
-1. torch's flash-attention kernel on the entry with ``V`` one-hot columns appended to v (and zero columns
-   to q, k, which leave the dot products unchanged): it returns the output, each row's attention mass on
-   every image block ``Z_b / Z`` (the one-hot columns' output) and ``log Z`` (its log-sum-exp);
-2. in blocks of ``chunk_size // heads`` query rows of all heads (at most ``chunk_size x V*N`` logits exist
-   at once): ``S = (scale q) k^T``, per target image block its max ``m_b`` and first argmax (three
-   vectorised passes, see :func:`_first_block_argmax`; the argmax of
-   :func:`corrlab.probing.matcher.match_views`, whose ties also resolve to the first index);
-3. the confidence ``max_l softmax_l(S_b) = exp(m_b - log Z) / (Z_b / Z)`` (the matcher's
-   ``1 / sum_l exp(S_l - m_b)``). Where a block's max lies more than :data:`UNDERFLOW_GAP` below the row
-   max its mass lost precision, and that block's confidence is recomputed from the block's logits (rare:
-   a row that ignores a whole image). No exponential of the logits is taken outside the kernel.
+**flash + logits** (the same options where no C compiler is found): torch's flash-attention kernel on the entry
+with ``V`` one-hot columns appended to v (and zero columns to q, k): it returns the output, each row's attention
+mass on every image block (``Z_b / Z``) and ``log Z``; then, in blocks of ``chunk_size // heads`` query rows of all
+heads (at most ``chunk_size x V*N`` logits at once), ``S`` again for the block max and first argmax (three
+vectorised passes, :func:`_first_block_argmax`) and the confidence ``exp(m_b - log Z) / (Z_b / Z)``.
 
-**every other supported case** (``heads="mean"``, ``confidence="window"``, other dtypes or devices): in the
-same blocks, ``S`` once; block max and first argmax as above (of the head-averaged logits ``mean_h S_h``
-for ``heads="mean"``); ``P = softmax(S)`` over all keys (torch's softmax kernel, into a reused buffer);
-the output ``P @ v``; the global confidence ``P[argmax_b] / sum_{l in b} P_l`` from the same
-exponentials (``heads="mean"``: one exp pass over the averaged logits; ``"window"``: the window softmax
-of :mod:`corrlab.probing.matcher`, read from ``S``).
+**general** (``heads="mean"``, ``confidence="window"``, other dtypes or devices): in the same blocks, ``S`` once;
+block max and first argmax as above (of the head-averaged logits ``mean_h S_h`` for ``heads="mean"``);
+``P = softmax(S)`` over all keys (torch's softmax kernel, into a reused buffer); the output ``P @ v``; the global
+confidence ``P[argmax_b] / sum_{l in b} P_l`` from the same exponentials (``heads="mean"``: one exp pass over the
+averaged logits; ``"window"``: the window softmax of :mod:`corrlab.probing.matcher`, read from ``S``).
 
 Supported matching options: ``similarity="softmax"``, ``heads`` ``"per_head"`` or ``"mean"``,
 ``confidence`` ``"global"`` or ``"window"``, ``threshold`` / ``strict``. ``dual_softmax`` and ``mutual``
 need a second pass over all source rows (their column statistics) and are left to the exact mode.
 
-Tolerance: the output differs from SDPA's only by float32 rounding (the fast path runs SDPA's own kernel,
-with a head size of ``d + V``; the general path sums in a different order):
-``|out - sdpa| <= 1e-5 + 1e-4 |sdpa|``, see tests/test_interception.py; matches equal the exact mode's
-except where two logits of a row are within rounding of each other (a tie that may flip).
+Tolerance: the output differs from SDPA's only by float32 rounding (another summation order):
+``|out - sdpa| <= 1e-5 + 1e-4 |sdpa|``, see tests/test_interception.py and tests/test_match_kernel.py; matches
+equal the exact mode's except where two logits of a row are within rounding of each other (a tie that may flip).
 
-Cost (embedded model, CPU, 1 thread; ``benchmarks/probe_overhead.py`` and the README): the fast path costs
-about three SDPA calls' worth per recorded entry (SDPA at head size ``d + V``, the logits matmul, the
-argmax passes), the general path slightly more; see the README for the measured overheads.
+Cost (embedded model, CPU, 1 thread; ``benchmarks/probe_overhead.py``, figures in the README): the compiled path
+costs about what SDPA costs for the same entry (both compute the logits, the exponentials and ``P @ v`` once;
+the matches add one max/argmax pass over logits already in cache), so a probe of every layer at every step
+costs about as much as an unprobed run; the flash + logits path costs about three SDPA entries per recorded
+entry.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ import torch
 
 from ..errors import CorrlabError, ShapeError, describe
 from .matcher import Workspace, _window_centre_probability
+from .match_kernel import attention_matches, load_match_kernel
 
 __all__ = ["fused_attention_matches", "check_fused_options", "UNDERFLOW_GAP"]
 
@@ -145,7 +146,13 @@ def fused_attention_matches(
     ramp = torch.arange(n, 0, -1, dtype=dtype, device=dev)
     rows = max(1, min(L, int(chunk_size) // H))  # all heads of `rows` query rows: chunk_size x L logits
 
-    sdpa = _sdpa_with_block_masses(qs, k.to(dtype), vv, n, 1.0) if not mean and confidence == "global" else None
+    compiled = (not mean and confidence == "global" and dtype == torch.float32 and dev.type == "cpu"
+                and load_match_kernel() is not None)
+    if compiled:  # one C call: logits, matches and output, a few query rows at a time (see match_kernel)
+        out, index, conf = attention_matches(qs, k.to(dtype), vv, V, UNDERFLOW_GAP)
+    sdpa = None
+    if not compiled and not mean and confidence == "global":
+        sdpa = _sdpa_with_block_masses(qs, k.to(dtype), vv, n, 1.0)
     if sdpa is not None:
         # output, block masses Z_b / Z and log Z from torch's kernel; the logits again (in blocks) for the
         # argmax, which no kernel returns: confidence of block b = exp(m_b - log Z) / (Z_b / Z)
@@ -165,7 +172,7 @@ def fused_attention_matches(
                 c = torch.where(low, torch.sub(blocks, block_max, out=work).exp_().sum(-1).reciprocal_(), c)
             conf[:, r0:r1] = c
 
-    for r0 in range(0, L if sdpa is None else 0, rows):
+    for r0 in range(0, L if sdpa is None and not compiled else 0, rows):
         r1 = min(r0 + rows, L)
         C = r1 - r0
         S = torch.matmul(qs[:, r0:r1], k_t, out=ws.get("fused_logits", (H, C, L), dtype, dev))  # (H, C, L)

@@ -125,6 +125,34 @@ class RecordBuilder:
         self.timesteps[step] = float("nan") if timestep is None else float(timestep)
         self.version += 1
 
+    def add_all(self, layer: str, step: int, timestep: float | None, index: torch.Tensor, confidence: torch.Tensor,
+                kept: torch.Tensor) -> None:
+        """Store the matches of every ordered image pair at once: each ``(H', V, V, N)`` (source image, target
+        image); the diagonal (an image against itself) is not stored. Same result as :meth:`add` per source."""
+        entry = self.layers[layer]
+        V = int(index.shape[1]) if index.ndim == 4 else -1
+        if self.num_images is None and V > 0:
+            self.num_images = V
+        n = entry.grid[0] * entry.grid[1]
+        shape = (entry.num_heads, self.num_images, self.num_images, n)
+        if tuple(index.shape) != shape or confidence.shape != index.shape or kept.shape != index.shape:
+            raise ShapeError(f"index, confidence, kept: expected shape {shape} for layer {layer!r}, got "
+                             f"{describe(index)}, {describe(confidence)}, {describe(kept)}")
+        if step in entry.steps:  # earlier sources of this step: merge pair by pair
+            for i in range(V):
+                tgts = [j for j in range(V) if j != i]
+                self.add(layer, step, timestep, i, tgts, index[:, i, tgts], confidence[:, i, tgts],
+                         kept[:, i, tgts], V)
+            return
+        idx = index.to("cpu", torch.int32).numpy().transpose(1, 2, 0, 3).copy()  # (V, V, H', N)
+        conf = confidence.to("cpu", torch.float32).numpy().transpose(1, 2, 0, 3).copy()
+        kp = kept.to("cpu").numpy().transpose(1, 2, 0, 3).copy()
+        diag = np.arange(V)
+        idx[diag, diag], conf[diag, diag], kp[diag, diag] = -1, np.nan, False
+        entry.steps[step] = (idx, conf, kp)
+        self.timesteps[step] = float("nan") if timestep is None else float(timestep)
+        self.version += 1
+
     def build(self, attrs: dict) -> xr.Dataset:
         """The record's Dataset (see the module docstring)."""
         names = list(self.layers)

@@ -27,18 +27,17 @@ attribute (the row constraint is exact epipolar geometry only for orthographic v
 Kernel modes: ``kernel="exact"`` (the default) lets the model's own kernel (SDPA) compute every output
 and computes the cross-image logits a second time for matching, with its own softmax normalisers: the
 generation is bit-identical to an unprobed one. ``kernel="fused"`` computes the recorded batch entry's
-attention output of a recorded call and the matching's normalisers from one softmax pass
-(:mod:`corrlab.probing.fused_attention`; the other batch entries and unrecorded calls still run the
-model's kernel), which removes the matcher's exponentials (the logits are read again only for the argmax,
-which no attention kernel returns): outputs then equal
-SDPA's up to float32 rounding (a different summation order), so a probed generation is no longer
-bit-identical to an unprobed one, and over many steps such differences can grow. Exact stays the
-default because corrlab's contract is that a probe observes: the record describes the very images the
-same seed gives without a probe, and sweeps, CorrAdapter comparisons and tests rely on that. Use fused
-where the probe's cost matters more (long sweeps); it supports ``similarity="softmax"`` without
-``mutual`` or ``history`` (one pass over the logits), and falls back to the exact path on calls it cannot
-fuse (row-wise layouts, layers with text tokens, extended attention, masked kernels). The record
-states the mode in its ``kernel`` attribute (see ``matching``).
+attention output of a recorded call and its matches from the same logits (:mod:`corrlab.probing.fused_attention`:
+by default one compiled C call, :mod:`corrlab.probing.match_kernel`; the other batch entries and unrecorded calls
+still run the model's kernel): outputs then equal SDPA's up to float32 rounding (a different summation order),
+so a probed generation is no longer bit-identical to an unprobed one, and over many steps such differences can
+grow (about 1e-5 in pixels after 20 steps of the embedded model). Exact stays the default because corrlab's
+contract is that a probe observes: the record describes the very images the same seed gives without a probe,
+and sweeps, CorrAdapter comparisons and tests rely on that. Use fused where the probe's cost matters (long
+sweeps, every layer at every step: it costs about as much as an unprobed run, exact about 1.5x on the embedded
+model, see the README); it supports ``similarity="softmax"`` without ``mutual`` or ``history`` (one pass over the
+logits), and falls back to the exact path on calls it cannot fuse (row-wise layouts, layers with text tokens,
+extended attention, masked kernels). The record states the mode in its ``kernel`` attribute (see ``matching``).
 
 Batch: with classifier-free guidance a pipeline batches the conditional and unconditional branches.
 ``batch_index=None`` picks the conditional one: index 0 for corrlab's pipeline (``[cond, uncond]``), and
@@ -133,14 +132,10 @@ class ProbeRecorder:
         layout = call.layout
         out_b, index, conf, kept = fused_attention_matches(q[b], k[b], v[b], layout.grid, scale=call.scale,
                                                             workspace=self.workspace, **self._matcher_kwargs)
-        num_images = layout.num_images
-        hp = index.shape[0]
-        self.builder.add_layer(call.layer, layout.grid, hp, layout.token_centres(), layout.image_size,
-                               row_wise=layout.row_wise)
-        for i in range(num_images):
-            tgts = [j for j in range(num_images) if j != i]
-            self.builder.add(call.layer, step, call.timestep, i, tgts, index[:, i, tgts], conf[:, i, tgts],
-                             kept[:, i, tgts], num_images)
+        if call.layer not in self.builder.layers:
+            self.builder.add_layer(call.layer, layout.grid, index.shape[0], layout.token_centres(), layout.image_size,
+                                   row_wise=layout.row_wise)
+        self.builder.add_all(call.layer, step, call.timestep, index, conf, kept)
         parts = []
         if b > 0:
             parts.append(kernel(q[:b], k[:b], v[:b]))

@@ -1,0 +1,201 @@
+"""The fused probe's compiled kernel: softmax attention and per-image matches from one pass over the logits.
+
+No torch kernel returns the per-image argmax of the attention logits together with the softmax; torch's flash
+kernel hides its logits, and at the head sizes of the embedded model (``d = 32``) every elementwise pass torch
+makes over materialised logits costs about as much as computing them. :func:`attention_matches` computes, per head
+and per block of 4 query rows, the logits ``q k^T`` (a register tile), each image block's max, first argmax and
+the matcher's global confidence, the softmax numerators in place and ``(P @ v) / Z`` (a register tile), in C
+(``match_kernel.c``, GCC vector extensions); the logits of 4 rows are the only intermediate. This is what the
+probe's fused mode (:mod:`corrlab.probing.fused_attention`) runs by default on the CPU in float32.
+
+Build: the C source is compiled on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc``,
+``clang``; ``-O3 -march=native``, else without ``-march``) into a cache folder (``$CORRLAB_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/corrlab/kernels`` or ``~/.cache/corrlab/kernels``), named by a hash of the source, the
+compiler's version, the flags and this CPU's feature flags; the library is written atomically and loaded with
+ctypes (about a second on first use). Where no compiler is found or the build fails, :func:`load_match_kernel`
+returns None and :func:`match_kernel_status` says why; the fused mode then uses its torch-only path (same results
+within float rounding, higher cost). ``CORRLAB_MATCH_KERNEL=0`` turns the kernel off.
+
+Threads: the heads are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL during the call).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..errors import ShapeError, describe
+
+__all__ = ["attention_matches", "load_match_kernel", "match_kernel_status", "ROWS_PER_TILE"]
+
+SOURCE = Path(__file__).with_name("match_kernel.c")
+FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")
+NATIVE = ("-march=native",)
+#: Query rows per register tile (``RB`` in the C source): the kernel's only intermediate is RB x L logits.
+ROWS_PER_TILE = 6
+PANEL = 16  # keys per packed panel of k
+
+_lock = threading.Lock()
+_state: dict = {"fn": None, "tried": False, "status": "not built yet", "pool": None}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("CORRLAB_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "corrlab" / "kernels"
+
+
+def _compile(cc: str, out: Path) -> str | None:
+    """Build the shared library at ``out`` (written atomically); None on success, else why not."""
+    errors = []
+    for extra in (NATIVE, ()):  # -march=native where the compiler knows this CPU, else portable code
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *FLAGS, *extra, f"-DRB={ROWS_PER_TILE}", str(SOURCE), "-o", tmp, "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0:
+                os.replace(tmp, out)
+                return None
+            errors.append((proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(repr(e))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return f"{cc} could not build {SOURCE.name}: {'; '.join(errors)}"
+
+
+def load_match_kernel():
+    """The compiled kernel (a ctypes function), or None where it cannot be built here (see the module docstring)."""
+    with _lock:
+        if _state["tried"]:
+            return _state["fn"]
+        _state["tried"] = True
+        if os.environ.get("CORRLAB_MATCH_KERNEL", "1") == "0":
+            _state["status"] = "off (CORRLAB_MATCH_KERNEL=0)"
+            return None
+        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+        if cc is None:
+            _state["status"] = "no C compiler found ($CC, cc, gcc, clang)"
+            return None
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            _state["status"] = f"{cc} --version failed: {e!r}"
+            return None
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS + NATIVE), str(ROWS_PER_TILE),
+                                        _cpu_flags(), platform.machine()]).encode()).hexdigest()[:16]
+        lib = _cache_dir() / f"match_kernel-{key}.so"
+        try:
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            if not lib.is_file():
+                reason = _compile(cc, lib)
+                if reason is not None:
+                    _state["status"] = reason
+                    return None
+            fn = ctypes.CDLL(str(lib)).corrlab_attention_matches
+        except (OSError, AttributeError) as e:
+            _state["status"] = f"loading {lib} failed: {e!r}"
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
+        fn.restype = None
+        _state["fn"], _state["status"] = fn, f"compiled: {lib}"
+        return fn
+
+
+def match_kernel_status() -> str:
+    """Where the kernel was built, or why it is not in use."""
+    return _state["status"]
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        pool = _state["pool"]
+        if pool is None or pool._max_workers < workers:
+            _state["pool"] = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corrlab-match")
+        return pool
+
+
+def attention_matches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_images: int, gap: float,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention of one batch entry and each query's per-image first argmax and global confidence.
+
+    Args:
+        q: ``(H, L, d)`` float32 queries, already multiplied by the softmax scale.
+        k: ``(H, L, d)`` float32 keys; v: ``(H, L, dv)`` float32 values; CPU tensors.
+        num_images: ``V``: keys ``b*n .. (b+1)*n - 1`` belong to image ``b`` (``L = V*n``).
+        gap: a block whose max lies more than ``gap`` below its row's max gets its confidence summed from its
+            own max (the softmax numerators lose precision there).
+
+    Returns:
+        ``out (H, L, dv)`` = ``softmax(q k^T) v``; ``argmax (H, L, V)`` int64, each query's first argmax of the
+        logits within each image's keys (position in the image); ``confidence (H, L, V)`` float32,
+        ``1 / sum_{l in b} exp(S_l - max_b S)`` (the matcher's global confidence).
+
+    Raises ShapeError for other shapes, dtypes or devices; RuntimeError where the kernel is unavailable.
+    """
+    fn = load_match_kernel()
+    if fn is None:
+        raise RuntimeError(f"match kernel unavailable: {match_kernel_status()}")
+    ok = q.ndim == 3 and k.shape == q.shape and v.ndim == 3 and v.shape[:2] == q.shape[:2]
+    ok = ok and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v))
+    ok = ok and int(num_images) >= 1 and q.shape[1] % int(num_images) == 0
+    if not ok:
+        raise ShapeError(f"attention_matches: expected CPU float32 q, k (H, L, d) and v (H, L, dv) with L divisible "
+                         f"by num_images={num_images}; got q {describe(q)}, k {describe(k)}, v {describe(v)}")
+    H, L, d = q.shape
+    dv = v.shape[-1]
+    V = int(num_images)
+    Lp = -(-L // PANEL) * PANEL
+    qc, vc = q.contiguous(), v.contiguous()
+    # the keys in panels of 16 (kP[h, p, :, c] = k[h, 16 p + c]): one tile's loads are adjacent, not L apart
+    k_pad = k if Lp == L else torch.cat([k, k.new_zeros((H, Lp - L, d))], dim=1)
+    kP = torch.empty((H, Lp // PANEL, d, PANEL), dtype=torch.float32)
+    kP.transpose(-1, -2).copy_(k_pad.reshape(H, Lp // PANEL, PANEL, d))
+    out = torch.empty((H, L, dv), dtype=torch.float32)
+    argmax = torch.empty((H, L, V), dtype=torch.int64)
+    conf = torch.empty((H, L, V), dtype=torch.float32)
+    row_sum = torch.empty((H, L), dtype=torch.float32)
+    if H * L == 0:
+        return out, argmax, conf
+    workers = max(1, min(H, torch.get_num_threads()))
+    work = torch.empty((workers, ROWS_PER_TILE, Lp), dtype=torch.float32)
+    f4, i8 = 4, 8  # bytes per float32, int64
+
+    def heads(w: int, h0: int, h1: int) -> None:
+        fn(qc.data_ptr() + h0 * L * d * f4, kP.data_ptr() + h0 * Lp * d * f4, vc.data_ptr() + h0 * L * dv * f4,
+           h1 - h0, L, Lp, d, dv, V, L // V, float(gap), work[w].data_ptr(), argmax.data_ptr() + h0 * L * V * i8,
+           conf.data_ptr() + h0 * L * V * f4, row_sum.data_ptr() + h0 * L * f4, out.data_ptr() + h0 * L * dv * f4)
+
+    if workers == 1:
+        heads(0, 0, H)
+    else:
+        bounds = [H * w // workers for w in range(workers + 1)]
+        jobs = [_pool(workers).submit(heads, w, bounds[w], bounds[w + 1]) for w in range(workers)]
+        for job in jobs:
+            job.result()
+    return out, argmax, conf
