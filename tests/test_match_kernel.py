@@ -30,8 +30,9 @@ def reference(q, k, v, V):
 
 @needs_kernel
 @pytest.mark.parametrize("H,V,grid,d,dv", [
-    (2, 3, (4, 5), 8, 8),  # L = 60: keys padded to 64; dv < 16: the scalar tail
+    (2, 3, (4, 5), 8, 8),  # L = 60: keys padded to 64; dv = 8: the one-vector tile
     (3, 2, (4, 4), 20, 40),  # dv = 16 + 16 + 8
+    (2, 2, (2, 3), 12, 20),  # dv = 16 + 4 scalar columns; L = 12 < one panel
     (4, 4, (8, 8), 32, 32),  # the embedded model's head size
     (1, 5, (3, 3), 16, 16),  # n = 9: blocks straddle vector lanes
 ])

@@ -214,6 +214,18 @@ static void p_v_tile(const float *P, int64_t L, int64_t Lp, const float *v, int6
             store(out + i * dv + j + 8, acc[i][1] * inv);
         }
     }
+    for (; j + 8 <= dv; j += 8) { /* head sizes like 24 or 40: one vector of values per row */
+        v8f acc[RB];
+        for (int i = 0; i < RB; i++) acc[i] = splat(0.0f);
+        for (int64_t l = 0; l < L; l++) {
+            v8f b0 = load(v + l * dv + j);
+            for (int i = 0; i < RB; i++) acc[i] += splat(P[i * Lp + l]) * b0;
+        }
+        for (int i = 0; i < RB; i++) {
+            if (i >= nrows) break;
+            store(out + i * dv + j, acc[i] * splat(1.0f / Z[i]));
+        }
+    }
     for (; j < dv; j++) {
         for (int64_t i = 0; i < nrows; i++) {
             float a = 0.0f;
