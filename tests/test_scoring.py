@@ -23,7 +23,7 @@ from corrlab.evaluation import (
     score_controls,
     score_record,
 )
-from corrlab.probing import ProbeRecord, RecordBuilder, control_matches
+from corrlab.probing import MatchingOptions, ProbeRecord, RecordBuilder, control_matches
 from corrlab.sets import MultiViewSet, save_set
 
 SIZE, GRID, PITCH = 32, (4, 4), 8
@@ -226,6 +226,9 @@ def test_probe_rendered_then_pck():
     assert rec.equals(probe_rendered(pipe, mvs, 0.4, layers=["blocks.1.attn"], seed=3, heads="mean"))
     assert not rec.ds["confidence"].equals(
         probe_rendered(pipe, mvs, 0.4, layers=["blocks.1.attn"], seed=4, heads="mean").ds["confidence"])
+    # the same options as a MatchingOptions object (as probe_generations takes them): the same record
+    assert rec.equals(probe_rendered(pipe, mvs, 0.4, layers=["blocks.1.attn"], seed=3,
+                                     matching=MatchingOptions(heads="mean")))
     df = pck_record(rec, mvs.depth, images=mvs.images, thresholds=(4, 8))
     assert {"native", "chance", "identity", "appearance"} == set(df["method"])
     assert (df["n_correct"] <= df["n_points"]).all() and df["n_points"].sum() > 100

@@ -30,7 +30,8 @@ def probe_rendered(
     seed: int = 0,
     guidance_scale: float = 1.0,
     batch_index: int | None = None,
-    **matching,
+    matching: MatchingOptions | None = None,
+    **options,
 ):
     """DIFT-style probe of a rendered scene: noise its views to time ``t`` and run one model forward.
 
@@ -40,6 +41,8 @@ def probe_rendered(
     :class:`~corrlab.probing.ProbeRecord` (one step, ``timestep`` = t) with the set's prompt, seed and
     cameras attached. Needs a :class:`corrlab.model.CorrlabPipeline` (or anything with its ``velocity``,
     ``encode_prompt`` and ``ray_embeds``). Score it with :func:`corrlab.evaluation.pck_record`.
+    ``matching`` (None: the probe's defaults) and keyword ``options`` replacing its fields, as in
+    :func:`probe_generations` and :func:`corrlab.probing.probe`.
     """
     from ..probing import probe
     from ..sets import MultiViewSet, load_set
@@ -58,7 +61,8 @@ def probe_rendered(
     x0 = mvset.images[None] * 2.0 - 1.0
     eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     x_t = ((1.0 - t) * x0 + t * eps).to(pipe.device)
-    with torch.no_grad(), probe(pipe, layers=layers, batch_index=batch_index, **matching) as rec:
+    with torch.no_grad(), probe(pipe, layers=layers, batch_index=batch_index, matching=matching,
+                                       **options) as rec:
         pipe.velocity(x_t, float(t), pipe.encode_prompt([mvset.prompt]), pipe.ray_embeds(mvset.cameras, mvset.height)[None],
                       guidance_scale=guidance_scale)
     rec.set_meta(prompt=mvset.prompt, seed=int(seed), cameras=mvset.cameras)  # velocity() returns no set
