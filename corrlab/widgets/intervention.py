@@ -195,9 +195,9 @@ class InterventionPanel:
             with). Needs a model that takes reference views (``pipeline.supports_reference``). Segment
             transport is text-only: with a reference its toggle is disabled, and running it raises
             :class:`~corrlab.errors.CorrlabError`.
-        truth: ``(num_views, 3, S, S)`` rendered views of the same scene, or None: adds ``PSNR vs truth (dB)``
-            and ``SSIM vs truth`` of the generated (non-reference) views to the summary, and the SSIM to the
-            metrics figure.
+        truth: ``(num_views, 3, S, S)`` rendered views of the same scene, or None: adds a "rendered truth" row
+            to the images, ``PSNR vs truth (dB)`` and ``SSIM vs truth`` of the generated (non-reference) views
+            to the summary, and the SSIM to the metrics figure.
 
     Attributes: toggles ``corr_adapter_on, segment_on``; CorrAdapter parameters ``eta, radius,
     active_steps, refresh_every``; segment parameters ``prompt_b, k, strength, mode``; ``run_button``,
@@ -387,7 +387,10 @@ class InterventionPanel:
         else:
             after = before
         label = self._label()
-        set_figure(self.images, image_rows_figure({"plain": before.images, label: after.images}))
+        rows = {"plain": before.images, label: after.images}
+        if self.truth is not None:
+            rows["rendered truth"] = self.truth
+        set_figure(self.images, image_rows_figure(rows))
         table = pd.concat([self.measure(before.images, before.cameras).assign(condition="plain"),
                            self.measure(after.images, after.cameras).assign(condition=label)], ignore_index=True)
         if self.truth is not None:
