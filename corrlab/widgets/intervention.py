@@ -6,6 +6,12 @@ model's denoising calls), shows the plain generation and the intervened one side
 SIFT matches under the conditioning cameras at 1 and 2 px) or alignment (segment transport) figure.
 The plain ("before") generation is cached per prompt / seed / size, so toggling only reruns the
 intervened branch. The model is always restored after a run, also when it fails.
+
+Image-conditioned runs (the paper's main setting for CorrAdapter): ``cameras=`` and ``reference=``
+``{view: image}`` go to every CorrAdapter before / after generation, so the given views are the
+reference images (bit-exact) and the others are generated under those cameras; ``truth=`` (the rendered
+views of the same scene) adds PSNR / SSIM of the generated views against them. Segment transport stays
+text-only (a pair of prompts): with a reference it is disabled and a run with it raises a CorrlabError.
 """
 from __future__ import annotations
 
@@ -111,6 +117,59 @@ def count_model_calls(model: torch.nn.Module, on_call: Callable[[int], None]):
 
 
 # ---------------------------------------------------------------------------- the panel
+PSNR_METRIC = "PSNR vs truth (dB)"
+SSIM_METRIC = "SSIM vs truth"
+
+
+def _check_conditioning(pipeline, num_views: int, size, cameras, reference) -> dict:
+    """The ``cameras=`` / ``reference=`` keyword arguments of the panel's generations, validated."""
+    from ..geometry import Camera
+
+    out: dict = {}
+    if cameras is not None:
+        try:
+            cameras = list(cameras)
+        except TypeError:
+            raise CorrlabError(f"cameras: expected a sequence of {num_views} corrlab.geometry.Camera, "
+                               f"got {describe(cameras)}") from None
+        if len(cameras) != num_views:
+            raise CorrlabError(f"cameras: expected num_views = {num_views} cameras, got {len(cameras)}")
+        for i, cam in enumerate(cameras):
+            if not isinstance(cam, Camera):
+                raise CorrlabError(f"cameras[{i}]: expected a corrlab.geometry.Camera, got {describe(cam)}")
+        out["cameras"] = cameras
+    if reference is None or (isinstance(reference, dict) and not reference):
+        return out
+    if not isinstance(reference, dict):
+        raise CorrlabError(f"reference: expected a dict {{view index: image (3, H, W)}}, got {describe(reference)}")
+    if not getattr(pipeline, "supports_reference", False):
+        raise CorrlabError(f"reference: this pipeline's model ({type(pipeline.model).__name__}) does not take "
+                           "reference views (pipeline.supports_reference is False); use a MultiViewUNet such as "
+                           "'corrlab-mvunet-s', or leave reference out for text-to-multi-view")
+    if cameras is None:
+        raise CorrlabError("cameras: a reference needs the cameras its views were rendered with (e.g. "
+                           "render_scene(...).cameras), got None")
+    side = size or getattr(pipeline, "sample_size", None)
+    for v, img in reference.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_views:
+            raise CorrlabError(f"reference: expected view indices in [0, {num_views}), got key {v!r}")
+        if not isinstance(img, torch.Tensor) or tuple(img.shape) != (3, side, side):
+            raise CorrlabError(f"reference[{v}]: expected a (3, {side}, {side}) tensor in [0, 1], got {describe(img)}")
+    if len(reference) == num_views:
+        raise CorrlabError(f"reference: every one of the {num_views} views is given; leave at least one to generate")
+    out["reference"] = dict(reference)
+    return out
+
+
+def _check_truth(truth, num_views: int, side) -> torch.Tensor | None:
+    if truth is None:
+        return None
+    if not isinstance(truth, torch.Tensor) or tuple(truth.shape) != (num_views, 3, side, side):
+        raise CorrlabError(f"truth: expected the rendered views, a ({num_views}, 3, {side}, {side}) tensor, "
+                           f"got {describe(truth)}")
+    return truth.float()
+
+
 class InterventionPanel:
     """Before / after panel for CorrAdapter and segment transport on the embedded model.
 
@@ -128,6 +187,17 @@ class InterventionPanel:
             ``LinearDecaySmoothing(w_start=smoothing)`` schedule).
         measure: ``(images, cameras) -> tidy DataFrame(metric, value, ...)`` consistency measure
             (default :func:`epipolar_consistency`).
+        cameras: ``num_views`` :class:`~corrlab.geometry.Camera` of the generations (None: the pipeline's
+            default cameras for the seed). Used by the CorrAdapter generations.
+        reference: ``{view index: image (3, S, S) in [0, 1]}`` (S = ``size`` or the model's sample size):
+            image-conditioned CorrAdapter generations (the given views are returned unchanged, the others
+            generated under ``cameras``, which are then required: the cameras the reference was rendered
+            with). Needs a model that takes reference views (``pipeline.supports_reference``). Segment
+            transport is text-only: with a reference its toggle is disabled, and running it raises
+            :class:`~corrlab.errors.CorrlabError`.
+        truth: ``(num_views, 3, S, S)`` rendered views of the same scene, or None: adds a "rendered truth" row
+            to the images, ``PSNR vs truth (dB)`` and ``SSIM vs truth`` of the generated (non-reference) views
+            to the summary, and the SSIM to the metrics figure.
 
     Attributes: toggles ``corr_adapter_on, segment_on``; CorrAdapter parameters ``eta, radius,
     active_steps, refresh_every``; segment parameters ``prompt_b, k, strength, mode``; ``run_button``,
@@ -138,7 +208,8 @@ class InterventionPanel:
     def __init__(self, pipeline, prompt: str, prompt_b: str | None = None, seed: int = 0, num_views: int = 4,
                  num_inference_steps: int = 10, size: int | None = None, guidance_scale: float | None = None,
                  corr_adapter: Callable | None = None, generate_pair: Callable | None = None,
-                 measure: Callable | None = None):
+                 measure: Callable | None = None, cameras: Sequence | None = None, reference: dict | None = None,
+                 truth: Any = None):
         if not callable(pipeline) or not isinstance(getattr(pipeline, "model", None), torch.nn.Module):
             raise CorrlabError(f"pipeline: expected a CorrlabPipeline (callable with a .model), got {describe(pipeline)}")
         self.pipeline = pipeline
@@ -146,6 +217,9 @@ class InterventionPanel:
             from ..model.pipeline import DEFAULT_GUIDANCE as guidance_scale
         self.settings = dict(seed=int(seed), num_views=int(num_views), num_inference_steps=int(num_inference_steps),
                              size=size, guidance_scale=float(guidance_scale))
+        self.conditioning = _check_conditioning(pipeline, int(num_views), size, cameras, reference)
+        self.given_views = sorted(self.conditioning.get("reference", {}))
+        self.truth = _check_truth(truth, int(num_views), size or getattr(pipeline, "sample_size", None))
         self._corr_adapter = corr_adapter
         self._generate_pair = generate_pair
         self.measure = measure or epipolar_consistency
@@ -168,7 +242,9 @@ class InterventionPanel:
                                               style=style, continuous_update=False)
         self.refresh_every = widgets.IntSlider(value=5, min=1, max=max(1, n), description="refresh every",
                                          style=style, continuous_update=False)
-        self.segment_on = widgets.Checkbox(value=False, description="segment transport", indent=False)
+        self.segment_on = widgets.Checkbox(value=False, description="segment transport", indent=False,
+                                           disabled=bool(self.given_views),
+                                           tooltip="text-only: not available with reference views" if self.given_views else "")
         self.prompt_b = widgets.Text(value=prompt_b or prompt, description="prompt B", style=style)
         self.k = widgets.IntSlider(value=5, min=2, max=9, description="k (segment points)", style=style,
                                    continuous_update=False)
@@ -189,8 +265,11 @@ class InterventionPanel:
         self._on_toggle(None)
         adapter_box = widgets.VBox([self.corr_adapter_on, self.eta, self.radius, self.active_steps, self.refresh_every])
         segment_box = widgets.VBox([self.segment_on, self.prompt_b, self.k, self.strength, self.mode])
+        setting = (f"image-conditioned: view(s) {self.given_views} given, the others generated"
+                   if self.given_views else "text-to-multi-view")
         self.widget = widgets.VBox([
-            widgets.HTML("<b>Intervention panel</b>: toggle an intervention, press Run, compare before / after"),
+            widgets.HTML("<b>Intervention panel</b>: toggle an intervention, press Run, compare before / after "
+                         f"<i>({setting}; segment transport is text-only)</i>"),
             self.prompt, widgets.HBox([adapter_box, segment_box]),
             widgets.HBox([self.run_button, self.progress]), self.message, self.summary,
             self.images, self.metrics,
@@ -250,7 +329,8 @@ class InterventionPanel:
     def _generate(self, prompt: str):
         s = self.settings
         return self.pipeline(prompt, num_views=s["num_views"], num_inference_steps=s["num_inference_steps"],
-                             guidance_scale=s["guidance_scale"], seed=s["seed"], size=s["size"], progress=False)
+                             guidance_scale=s["guidance_scale"], seed=s["seed"], size=s["size"], progress=False,
+                             **self.conditioning)
 
     # ------------------------------------------------------------------ run
     @guarded
@@ -261,6 +341,9 @@ class InterventionPanel:
         if not prompt:
             raise CorrlabError("prompt: expected a non-empty prompt, got ''")
         segment = bool(self.segment_on.value)
+        if segment and self.given_views:
+            raise CorrlabError(f"segment_on: segment transport is text-only (a pair of prompts), but this panel has "
+                               f"reference views {self.given_views}; make a panel without reference= for it")
         steps = self.settings["num_inference_steps"]
         key = (prompt, segment, self.prompt_b.value if segment else None)
         # generations to run: the cached "before" (once per key) and the intervened one (a plain run without
@@ -304,16 +387,38 @@ class InterventionPanel:
         else:
             after = before
         label = self._label()
-        set_figure(self.images, image_rows_figure({"plain": before.images, label: after.images}))
+        rows = {"plain": before.images, label: after.images}
+        if self.truth is not None:
+            rows["rendered truth"] = self.truth
+        set_figure(self.images, image_rows_figure(rows))
         table = pd.concat([self.measure(before.images, before.cameras).assign(condition="plain"),
                            self.measure(after.images, after.cameras).assign(condition=label)], ignore_index=True)
-        set_figure(self.metrics, metric_comparison_figure(
-            table, title="multi-view consistency under the conditioning cameras (mean over view pairs)"))
+        if self.truth is not None:
+            table = pd.concat([table, self._against_truth(before.images).assign(condition="plain"),
+                               self._against_truth(after.images).assign(condition=label)], ignore_index=True)
+        shown = table[table["metric"] != PSNR_METRIC]  # dB: not on the [0, 1] axis of the others (in the summary)
+        title = "multi-view consistency under the conditioning cameras (mean over view pairs)"
+        if self.truth is not None:
+            title = "consistency (mean over view pairs) and SSIM of the generated views vs the truth"
+        set_figure(self.metrics, metric_comparison_figure(shown, title=title))
         means = table.groupby(["condition", "metric"], sort=False)["value"].mean().unstack()
         self.summary.value = means.to_html(float_format="{:.3f}".format, na_rep="n/a")
         if not self.corr_adapter_on.value:
             show_message(self.message, "no intervention enabled: after = before", "info")
-        return {"before": before.images, "after": after.images, "cameras": before.cameras, "metrics": table}
+        return {"before": before.images, "after": after.images, "cameras": before.cameras, "metrics": table,
+                "given_views": list(self.given_views)}
+
+    def _against_truth(self, images) -> pd.DataFrame:
+        """Tidy ``view, metric, value``: PSNR (dB) and SSIM of each generated view against ``truth``."""
+        from ..model.conditioned import psnr, ssim
+
+        rows = []
+        for v in range(images.shape[0]):
+            if v in self.given_views:
+                continue  # a given view is the reference itself
+            rows += [{"view": v, "metric": PSNR_METRIC, "value": psnr(images[v], self.truth[v])},
+                     {"view": v, "metric": SSIM_METRIC, "value": ssim(images[v], self.truth[v])}]
+        return pd.DataFrame(rows, columns=["view", "metric", "value"])
 
     def _run_segment(self, key) -> dict:
         if key not in self._before_cache:
