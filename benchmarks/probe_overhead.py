@@ -3,7 +3,8 @@
 In one process, on the same prompt, seed and cameras, times a full ``pipe(...)`` generation
 (--repeats rounds, modes interleaved round-robin after one warm-up each; the headline ratio of a mode is
 the median over rounds of its CPU time divided by the same round's unprobed time, so load that drifts on a
-shared machine cancels within a round), for both kernel modes of the probe (``--kernels``):
+shared machine cancels within a round, with a 95 % bootstrap interval over rounds: on a shared 2-core VM single
+runs vary by 10-20 %, so use ``--repeats 15`` for a figure to quote), for both kernel modes of the probe (``--kernels``):
 
 * ``none``: no probe (the baseline);
 * ``exact_one`` / ``fused_one``: ``probe(pipe, layers=[--layer], kernel=...)``, one layer at every step;
@@ -86,6 +87,15 @@ def make_run(pipe: CorrlabPipeline, args) -> callable:
     return run
 
 
+def bootstrap_median_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the median of ``values`` (the rounds' paired ratios)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(values, dtype=torch.float64)
+    idx = torch.randint(0, len(values), (n, len(values)), generator=g)
+    meds = x[idx].median(dim=1).values
+    return float(meds.quantile(0.025)), float(meds.quantile(0.975))
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -163,15 +173,18 @@ def main(argv=None) -> int:
     med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
     # paired: each round's probed run against the same round's unprobed run, then the median over rounds
     # (load that drifts over minutes on a shared machine cancels within a round)
-    paired_cpu = {m: statistics.median(a / b for a, b in zip(cpu[m], cpu["none"])) for m in MODES}
+    ratios = {m: [a / b for a, b in zip(cpu[m], cpu["none"])] for m in MODES}
+    paired_cpu = {m: statistics.median(r) for m, r in ratios.items()}
     paired_wall = {m: statistics.median(a / b for a, b in zip(times[m], times["none"])) for m in MODES}
+    ci = {m: bootstrap_median_ci(r) for m, r in ratios.items()}
     n_layers = len(probe.layers(pipe.model))
     print(f"model: {what}; {args.views} views x {pipe.sample_size}px, {args.steps} steps, guidance {args.guidance}, "
           f"{n_layers} multi-image layers, device {args.device}, torch threads {torch.get_num_threads()}; "
           f"matching heads={args.heads}, recording every {args.every} step(s)")
     for mode in MODES:
         print(f"{mode:>9}: process CPU time median {med_cpu[mode]:.3f} s ({', '.join(f'{t:.3f}' for t in cpu[mode])});"
-              f" paired ratio {paired_cpu[mode]:.3f} (ratio of medians {med_cpu[mode] / med_cpu['none']:.3f});"
+              f" paired ratio {paired_cpu[mode]:.3f} [95% CI {ci[mode][0]:.3f}, {ci[mode][1]:.3f}]"
+              f" (ratio of medians {med_cpu[mode] / med_cpu['none']:.3f});"
               f" wall median {med[mode]:.3f} s, paired ratio {paired_wall[mode]:.3f}")
     summary = {
         "model": "shipped" if what.startswith("weights") else "random_init", "device": args.device,
@@ -181,6 +194,7 @@ def main(argv=None) -> int:
     }
     for mode in MODES[1:]:
         summary[f"cpu_ratio_{mode}"] = round(paired_cpu[mode], 3)
+        summary[f"cpu_ratio_{mode}_ci"] = f"{ci[mode][0]:.3f}..{ci[mode][1]:.3f}"
         summary[f"wall_ratio_{mode}"] = round(paired_wall[mode], 3)
     summary.update({"goal_one": 1.05, "goal_all": 1.25, "exact_bit_identical": identical})
     if "fused" in kernels:
