@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from corrlab.baselines import match_sift
 from corrlab.interventions import CorrAdapterHandle
 from corrlab.io_utils import atomic_write_bytes
-from corrlab.evaluation import score_matches
+from corrlab.evaluation import pool_scores, score_matches
 from corrlab.model import CorrlabPipeline, MultiViewUNet, load_default
 from corrlab.model.conditioned import psnr, ssim
 from corrlab.model.consistency import correspondence_psnr
@@ -84,11 +84,10 @@ def sift_scores(images: torch.Tensor, cameras) -> dict:
     V = images.shape[0]
     pairs = {(i, j): match_sift(images[i], images[j]) for i in range(V) for j in range(i + 1, V)}
     df = score_matches(pairs, cameras, thresholds=(1.0, 2.0), kind="symmetric", method="sift")
-    g = df.groupby("threshold")[["n_correct", "n_matches"]].sum()
+    g = pool_scores(df, by=("threshold",)).set_index("threshold")
     out = {"sift_matches": int(g["n_matches"].iloc[0]) if len(g) else 0}
-    for th in (1.0, 2.0):
-        n = int(g.loc[th, "n_matches"]) if th in g.index else 0
-        out[f"sift@{th:g}px"] = float(g.loc[th, "n_correct"]) / n if n else np.nan
+    for th in (1.0, 2.0):  # pooled precision, NaN without matches
+        out[f"sift@{th:g}px"] = float(g.loc[th, "precision"]) if th in g.index else np.nan
     return out
 
 
