@@ -37,12 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import CorrlabError
-    from ..model.consistency_training import ConsistencyConfig, ConsistencyTrainer, load_config
+    from ..model.consistency_training import ConsistencyConfig, ConsistencyTrainer
 
     out = Path(args.out)
     has_ck = any((out / "checkpoints").glob("step_*"))
     if args.resume and (out / "config.json").is_file():
-        config = load_config(out / "config.json")
+        config = ConsistencyConfig.from_json(out / "config.json")
     else:
         config = ConsistencyConfig(base=args.base, loss=args.loss, lam=args.lam, rank=args.rank, lr=args.lr,
                                    layers=args.layers, sets_per_step=args.sets_per_step, seed=args.seed,

@@ -28,16 +28,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CorrlabError, FormatError, check_choice
+from ..errors import CorrlabError, check_choice
 from .consistency import attention_ce_loss, feature_consistency_loss, token_correspondences
-from .train import checkpoint_dirs, write_checkpoint
+from .train import JsonConfig, checkpoint_dirs, write_checkpoint
 from .lora import ATTENTION_TARGETS, ADAPTER_FILE, add_lora, base_fingerprint, lora_state_dict, save_lora
 
 __all__ = ["ConsistencyConfig", "ConsistencyTrainer", "LOSSES", "consistency_step_plan"]
@@ -46,7 +46,7 @@ LOSSES = ("eq14", "attention-ce")
 
 
 @dataclass
-class ConsistencyConfig:
+class ConsistencyConfig(JsonConfig):
     """Everything a CorrAdapter* run depends on (JSON-able).
 
     base: the base pipeline folder (or name under ``data/``); loss: ``"eq14"`` or ``"attention-ce"``;
@@ -102,16 +102,6 @@ class ConsistencyConfig:
         if self.steps < 1 or self.sets_per_step < 1:
             raise CorrlabError(f"steps, sets_per_step: expected positive ints, got {self.steps}, {self.sets_per_step}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ConsistencyConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CorrlabError(f"config: unknown keys {unknown}; expected keys among {sorted(known)}")
-        return cls(**d)
 
 
 def consistency_step_plan(config: ConsistencyConfig, step: int) -> list[int]:
@@ -328,10 +318,3 @@ class ConsistencyTrainer:
         return self.export()
 
 
-def load_config(path: str | os.PathLike) -> ConsistencyConfig:
-    try:
-        return ConsistencyConfig.from_dict(json.loads(Path(path).read_text()))
-    except FileNotFoundError:
-        raise CorrlabError(f"config: file not found: {str(path)!r}") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"config: {str(path)!r} is not valid JSON ({e})") from None

@@ -45,8 +45,33 @@ __all__ = [
 HELD_OUT_SEED_START = 1_000_000
 
 
+class JsonConfig:
+    """``to_dict`` / ``from_dict`` / ``from_json`` of a config dataclass (unknown keys are an error)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CorrlabError(f"config: unknown keys {unknown}; expected keys among {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike):
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise CorrlabError(f"config: file not found: {str(path)!r}") from None
+        except json.JSONDecodeError as e:
+            raise FormatError(f"config: {str(path)!r} is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Everything a training run depends on (JSON-able; ``TrainConfig.from_json(path)``).
 
     arch: "dit" (:class:`MultiViewDiT`) or "unet" (:class:`MultiViewUNet`).
@@ -132,26 +157,6 @@ class TrainConfig:
         if self.image_size % int(self.model.get("patch_size", 4)):
             raise CorrlabError(f"image_size: expected a multiple of the patch size, got {self.image_size}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CorrlabError(f"config: unknown keys {unknown}; expected keys among {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise CorrlabError(f"config: file not found: {str(path)!r}") from None
-        except json.JSONDecodeError as e:
-            raise FormatError(f"config: {str(path)!r} is not valid JSON ({e})") from None
-        return cls.from_dict(d)
 
 
 # ---------------------------------------------------------------------------- pure pieces
