@@ -140,19 +140,18 @@ def fused_attention_matches(
     mean = heads == "mean"
     hp = 1 if mean else H
     dv = v.shape[-1]
-    out = torch.empty((H, L, dv), dtype=dtype, device=dev)
-    index = torch.empty((hp, L, V), dtype=torch.long, device=dev)  # (head, source token, target image)
-    conf = torch.empty((hp, L, V), dtype=dtype, device=dev)
-    ramp = torch.arange(n, 0, -1, dtype=dtype, device=dev)
-    rows = max(1, min(L, int(chunk_size) // H))  # all heads of `rows` query rows: chunk_size x L logits
-
-    compiled = (not mean and confidence == "global" and dtype == torch.float32 and dev.type == "cpu"
-                and load_match_kernel() is not None)
+    per_head_global = not mean and confidence == "global"
+    compiled = per_head_global and dtype == torch.float32 and dev.type == "cpu" and load_match_kernel() is not None
+    sdpa = None
     if compiled:  # one C call: logits, matches and output, a few query rows at a time (see match_kernel)
         out, index, conf = attention_matches(qs, k.to(dtype), vv, V, UNDERFLOW_GAP)
-    sdpa = None
-    if not compiled and not mean and confidence == "global":
-        sdpa = _sdpa_with_block_masses(qs, k.to(dtype), vv, n, 1.0)
+    else:  # torch: the flash kernel plus the logits again (per_head / global), else the general path
+        sdpa = _sdpa_with_block_masses(qs, k.to(dtype), vv, n, 1.0) if per_head_global else None
+        out = torch.empty((H, L, dv), dtype=dtype, device=dev)
+        index = torch.empty((hp, L, V), dtype=torch.long, device=dev)  # (head, source token, target image)
+        conf = torch.empty((hp, L, V), dtype=dtype, device=dev)
+        ramp = torch.arange(n, 0, -1, dtype=dtype, device=dev)
+        rows = max(1, min(L, int(chunk_size) // H))  # all heads of `rows` query rows: chunk_size x L logits
     if sdpa is not None:
         # output, block masses Z_b / Z and log Z from torch's kernel; the logits again (in blocks) for the
         # argmax, which no kernel returns: confidence of block b = exp(m_b - log Z) / (Z_b / Z)
@@ -171,36 +170,36 @@ def fused_attention_matches(
             if bool(low.any()):  # a block far below the row max: its mass lost precision; from the logits
                 c = torch.where(low, torch.sub(blocks, block_max, out=work).exp_().sum(-1).reciprocal_(), c)
             conf[:, r0:r1] = c
-
-    for r0 in range(0, L if sdpa is None and not compiled else 0, rows):
-        r1 = min(r0 + rows, L)
-        C = r1 - r0
-        S = torch.matmul(qs[:, r0:r1], k_t, out=ws.get("fused_logits", (H, C, L), dtype, dev))  # (H, C, L)
-        src = torch.mean(S, 0, keepdim=True, out=ws.get("fused_mean", (1, C, L), dtype, dev)) if mean else S
-        blocks = src.view(hp, C, V, n)
-        block_max = blocks.amax(-1, keepdim=True)  # (H', C, V, 1)
-        work = ws.get("fused_work", (hp, C, V, n), dtype, dev)
-        idx = _first_block_argmax(blocks, block_max, ramp, work)  # (H', C, V)
-        index[:, r0:r1] = idx
-        if confidence == "window":
-            conf[:, r0:r1] = _window_centre_probability(blocks, idx, (h, w), window_radius)
-        elif mean:  # the head-averaged logits are not the output's: their own exponentials
-            conf[:, r0:r1] = torch.sub(blocks, block_max, out=work).exp_().sum(-1).reciprocal_()
-        # the output: softmax over all V*N keys (torch's fused kernel: max, exp, sum, scale), then P @ v
-        P = torch.ops.aten._softmax.out(S, -1, False, out=ws.get("fused_probs", (H, C, L), dtype, dev))
-        out[:, r0:r1] = torch.matmul(P, vv, out=ws.get("fused_out", (H, C, dv), dtype, dev))
-        if not mean and confidence == "global":
-            # confidence of block b from the same exponentials: P at its argmax over P's sum over the block
-            pb = P.view(H, C, V, n)
-            c = pb.gather(-1, idx.unsqueeze(-1)).squeeze(-1).div_(pb.sum(-1))
-            gap = block_max.squeeze(-1)
-            gap = gap - gap.amax(-1, keepdim=True)  # block max - row max, <= 0
-            low = gap < -UNDERFLOW_GAP
-            if bool(low.any()):  # those blocks' exponentials lost precision: normalisers from fresh logits
-                fresh = torch.matmul(qs[:, r0:r1], k_t).view(H, C, V, n)
-                exact = torch.sub(fresh, block_max).exp_().sum(-1).reciprocal_()
-                c = torch.where(low, exact, c)
-            conf[:, r0:r1] = c
+    elif not compiled:
+        for r0 in range(0, L, rows):
+            r1 = min(r0 + rows, L)
+            C = r1 - r0
+            S = torch.matmul(qs[:, r0:r1], k_t, out=ws.get("fused_logits", (H, C, L), dtype, dev))  # (H, C, L)
+            src = torch.mean(S, 0, keepdim=True, out=ws.get("fused_mean", (1, C, L), dtype, dev)) if mean else S
+            blocks = src.view(hp, C, V, n)
+            block_max = blocks.amax(-1, keepdim=True)  # (H', C, V, 1)
+            work = ws.get("fused_work", (hp, C, V, n), dtype, dev)
+            idx = _first_block_argmax(blocks, block_max, ramp, work)  # (H', C, V)
+            index[:, r0:r1] = idx
+            if confidence == "window":
+                conf[:, r0:r1] = _window_centre_probability(blocks, idx, (h, w), window_radius)
+            elif mean:  # the head-averaged logits are not the output's: their own exponentials
+                conf[:, r0:r1] = torch.sub(blocks, block_max, out=work).exp_().sum(-1).reciprocal_()
+            # the output: softmax over all V*N keys (torch's fused kernel: max, exp, sum, scale), then P @ v
+            P = torch.ops.aten._softmax.out(S, -1, False, out=ws.get("fused_probs", (H, C, L), dtype, dev))
+            out[:, r0:r1] = torch.matmul(P, vv, out=ws.get("fused_out", (H, C, dv), dtype, dev))
+            if not mean and confidence == "global":
+                # confidence of block b from the same exponentials: P at its argmax over P's sum over the block
+                pb = P.view(H, C, V, n)
+                c = pb.gather(-1, idx.unsqueeze(-1)).squeeze(-1).div_(pb.sum(-1))
+                gap = block_max.squeeze(-1)
+                gap = gap - gap.amax(-1, keepdim=True)  # block max - row max, <= 0
+                low = gap < -UNDERFLOW_GAP
+                if bool(low.any()):  # those blocks' exponentials lost precision: normalisers from fresh logits
+                    fresh = torch.matmul(qs[:, r0:r1], k_t).view(H, C, V, n)
+                    exact = torch.sub(fresh, block_max).exp_().sum(-1).reciprocal_()
+                    c = torch.where(low, exact, c)
+                conf[:, r0:r1] = c
     index = index.view(hp, V, n, V).permute(0, 1, 3, 2)  # (H', source image, target image, N)
     conf = conf.view(hp, V, n, V).permute(0, 1, 3, 2)
     threshold_t = torch.tensor(float(threshold), dtype=dtype, device=dev)
