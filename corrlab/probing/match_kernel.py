@@ -134,9 +134,10 @@ def match_kernel_status() -> str:
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _lock:
-        pool = _state["pool"]
-        if pool is None or pool._max_workers < workers:
-            _state["pool"] = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corrlab-match")
+        pool, size = _state["pool"] or (None, 0)
+        if size < workers:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corrlab-match")
+            _state["pool"] = (pool, workers)
         return pool
 
 
