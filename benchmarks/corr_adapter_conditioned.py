@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from corrlab.baselines import match_sift
 from corrlab.interventions import CorrAdapterHandle
 from corrlab.io_utils import atomic_write_bytes
-from corrlab.evaluation import pool_scores, score_matches
+from corrlab.evaluation import bootstrap_mean_ci, pool_scores, score_matches
 from corrlab.model import CorrlabPipeline, MultiViewUNet, load_default
 from corrlab.model.conditioned import psnr, ssim
 from corrlab.model.consistency import correspondence_psnr
@@ -136,15 +136,6 @@ def truth_rows(seeds, views: int, size: int) -> list[dict]:
     return rows
 
 
-def bootstrap(x, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return np.nan, np.nan, np.nan
-    means = np.random.default_rng(seed).choice(x, size=(n_boot, len(x)), replace=True).mean(axis=1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 METRICS = ("psnr", "ssim", "sift@1px", "sift@2px", "corr_psnr")
 
 
@@ -155,7 +146,7 @@ def effects(df: pd.DataFrame, reference: str = "base") -> pd.DataFrame:
     for config in [c for c in df.config.unique() if c not in (reference, "truth")]:
         for m in METRICS:
             d = (wide[(m, config)] - wide[(m, reference)]).to_numpy()
-            mean, lo, hi = bootstrap(d)
+            mean, lo, hi, _ = bootstrap_mean_ci(d)
             ok = np.isfinite(d)
             out.append({"config": config, "vs": reference, "metric": m, "n_scenes": int(ok.sum()),
                         "reference_mean": float(wide[(m, reference)][ok].mean()),
@@ -225,7 +216,7 @@ def report(out: Path, args) -> dict:
                    - (wide[("base", "true cameras")] - wide[("base", "another scene's cameras")])).to_numpy()
             key["text_sets"] = int(n)
             for name, x in (("text_LoRA_sift2px", d), ("text_LoRA_gap_sift2px", gap)):
-                m, lo, hi = bootstrap(x)
+                m, lo, hi, _ = bootstrap_mean_ci(x)
                 key[name] = f"{m:+.4f}[{lo:+.4f},{hi:+.4f}]"
                 print(f"  {name}: {m:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]")
         for (c, cams), r in pooled.iterrows():

@@ -3,7 +3,8 @@
 (a) Multi-view consistency: SIFT matches between the generated views of held-out prompt/seed sets,
     scored by symmetric epipolar distance under the conditioning cameras (precision and correct count
     at 1 and 2 px), next to the renderer's sets with the same cameras (ceiling) and the generated views
-    scored under the cameras of another set (shuffled, floor).
+    scored under the cameras of another set (shuffled, floor), and the renders under another set's cameras
+    (the renders' own gap true - shuffled is the most the generated views can show at this image size).
 (b) Native correspondences: per layer and t in {0.2, 0.5, 0.8}, share of view-0 object tokens whose
     match in view 1 (the matcher's head-averaged softmax, ``heads="mean"``, read by the taps) is within
     1 token of the truth, for all and for far-moving (>= 2 tokens)
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from corrlab.baselines import match_sift
 from corrlab.io_utils import atomic_write_bytes
-from corrlab.evaluation import pool_scores, score_matches
+from corrlab.evaluation import bootstrap_mean_ci, pool_scores, score_matches
 from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, MultiViewDiT, load_default
 from corrlab.model.adherence import dominant_colour_word
 from corrlab.model.native import (
@@ -58,6 +59,10 @@ from corrlab.model.train import HELD_OUT_SEED_START
 from corrlab.scenes import VOCABULARY, render_scene, sample_cameras
 
 THRESHOLDS = (1.0, 2.0)
+# summary-key stems of the SIFT rows: the renders' gap (rendered - rendered_shuffled) is the most the
+# generated views' gap (generated - shuffled) can show at this image size
+SIFT_KEYS = {"rendered": "rendered", "generated": "generated", "generated, shuffled cameras": "shuffled",
+             "rendered, shuffled cameras": "rendered_shuffled"}
 
 
 # ------------------------------------------------------------------------------------------ (a)
@@ -94,11 +99,12 @@ def consistency(pipe, n_sets: int, steps: int, guidance: float, seed_start: int,
             df = sift_pair_scores(imgs, ref.cameras, method, upsample)
             df["set"] = i
             frames.append(df)
-    for i, gen in enumerate(generated):  # floor: generated views under another set's cameras
+    for i, gen in enumerate(generated):  # floors: generated views and renders under another set's cameras
         other = rendered[(i + 1) % len(rendered)].cameras if len(rendered) > 1 else sample_cameras(seed_start - 1, 4, pipe.sample_size, "train")
-        df = sift_pair_scores(gen.images, other, "generated, shuffled cameras", upsample)
-        df["set"] = i
-        frames.append(df)
+        for method, imgs in (("generated, shuffled cameras", gen.images), ("rendered, shuffled cameras", rendered[i].images)):
+            df = sift_pair_scores(imgs, other, method, upsample)
+            df["set"] = i
+            frames.append(df)
     return pd.concat(frames, ignore_index=True), generated, rendered, seconds
 
 
@@ -180,14 +186,6 @@ def adherence(pipe, n: int, steps: int, guidance: float, seed_start: int, batch:
 
 
 # ------------------------------------------------------------------------------------------ (e)
-def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``x`` and its 95 % percentile-bootstrap CI (resampling scenes)."""
-    rng = np.random.default_rng(seed)
-    x = np.asarray(x, dtype=np.float64)
-    means = rng.choice(x, size=(n_boot, len(x)), replace=True).mean(axis=1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: float, seed_start: int,
                      sheet: str | None, summary: dict, out: Path | None) -> None:
     from corrlab.model.conditioned import native_hits, pool_hits, reconstruction
@@ -201,7 +199,7 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
     for metric in ("psnr", "ssim", "iou"):
         for control in ("copy reference", "mean image"):
             d = (wide[(metric, "generated")] - wide[(metric, control)]).dropna().to_numpy()
-            m, lo, hi = bootstrap_ci(d)
+            m, lo, hi, _ = bootstrap_mean_ci(d)
             key = f"cond_{metric}_gen_minus_{control.replace(' ', '_')}"
             summary[key] = f"{m:.3f}[{lo:.3f},{hi:.3f}]"
             print(f"  {metric}: generated - {control} = {m:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]")
@@ -211,7 +209,8 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
     for i, (truth, gen) in enumerate(sets):
         other = sets[(i + 1) % len(sets)][0].cameras
         for method, imgs, cams in (("rendered", truth.images, truth.cameras), ("generated", gen.images, truth.cameras),
-                                   ("generated, shuffled cameras", gen.images, other)):
+                                   ("generated, shuffled cameras", gen.images, other),
+                                   ("rendered, shuffled cameras", truth.images, other)):
             df = sift_pair_scores(imgs, cams, method)
             df["set"] = i
             frames.append(df)
@@ -219,7 +218,7 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
     print("(e) SIFT on reference + generated views (symmetric epipolar distance, pooled)")
     print(pooled.to_string(index=False))
     for _, r in pooled.iterrows():
-        key = {"rendered": "rendered", "generated": "generated", "generated, shuffled cameras": "shuffled"}[r["method"]]
+        key = SIFT_KEYS[r["method"]]
         summary[f"cond_sift_{key}_prec@{r['threshold']:g}px"] = round(float(r["precision"]), 4)
     # native: choose the best layer on selection scenes, report it on separate evaluation scenes
     sel = pool_hits(native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 40_000, progress=True))
@@ -339,7 +338,7 @@ def main(argv=None) -> int:
         print("\n(a) SIFT multi-view consistency (symmetric epipolar distance, pooled over view pairs)")
         print(pooled.to_string(index=False))
         for _, r in pooled.iterrows():
-            key = {"rendered": "rendered", "generated": "generated", "generated, shuffled cameras": "shuffled"}[r["method"]]
+            key = SIFT_KEYS[r["method"]]
             summary[f"sift_{key}_prec@{r['threshold']:g}px"] = round(float(r["precision"]), 4)
             summary[f"sift_{key}_correct_per_pair@{r['threshold']:g}px"] = round(float(r["correct_per_pair"]), 3)
         summary["seconds_per_4view_set"] = round(float(np.median(seconds)), 2)

@@ -35,6 +35,7 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
+from corrlab.evaluation import bootstrap_mean_ci
 from corrlab.interventions import MODES
 from corrlab.interventions import SegmentTransportConfig
 from corrlab.interventions.pair_generation import SamplingOptions, generate_pairs
@@ -171,24 +172,15 @@ def prompt_pairs(n: int, seed0: int) -> list[tuple[tuple[str, str], int]]:
     return out
 
 
-def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    x = x[~np.isnan(x)]
-    if len(x) < 2:
-        return (np.nan, np.nan)
-    rng = np.random.default_rng(seed)
-    means = rng.choice(x, size=(n_boot, len(x)), replace=True).mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Per mode and metric: n, mean, std, bootstrap CI; and paired difference to ``independent`` with its CI."""
     rows = []
     ind = df[df["mode"] == "independent"].set_index(["pair", "endpoint", "metric"])["value"]
     for (mode, metric), g in df.groupby(["mode", "metric"], sort=False):
         v = g["value"].to_numpy(dtype=float)
-        lo, hi = bootstrap_ci(v)
+        _, lo, hi, _ = bootstrap_mean_ci(v)
         d = (g.set_index(["pair", "endpoint", "metric"])["value"] - ind).to_numpy(dtype=float)
-        dlo, dhi = bootstrap_ci(d)
+        _, dlo, dhi, _ = bootstrap_mean_ci(d)
         rows.append(dict(mode=mode, metric=metric, n=int((~np.isnan(v)).sum()), mean=np.nanmean(v), std=np.nanstd(v),
                          ci_lo=lo, ci_hi=hi, diff_vs_independent=np.nanmean(d), diff_ci_lo=dlo, diff_ci_hi=dhi))
     return pd.DataFrame(rows)

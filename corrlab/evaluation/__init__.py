@@ -16,12 +16,14 @@ by default (:func:`held_out_scores`: chosen on other scenes than those it is sco
 :mod:`.pooling`     ``pool_scores``
 :mod:`.selection`   ``best_layer_step`` (in-sample), ``held_out_scores`` (cross-fitted over scenes)
 :mod:`.comparison`  ``score_set(s)``, ``comparison_table``: the headline comparison
+:mod:`.bootstrap`   ``bootstrap_mean_ci``: the 95 % CI of a mean over scenes (paired effects)
 ==================  ===============================================================================
 
 >>> from corrlab.evaluation import score_sets, comparison_from_scores          # doctest: +SKIP
 >>> scores = score_sets(set_dirs)                   # per pair, with a "set" column   # doctest: +SKIP
 >>> comparison_from_scores(scores)                  # native-held-out next to SIFT    # doctest: +SKIP
 """
+from .bootstrap import MeanCI, bootstrap_mean_ci
 from .baselines import DEFAULT_BASELINES, baseline_scores, baseline_summary, score_baselines_on_set
 from .comparison import COMPARISON_COLUMNS, comparison_from_scores, comparison_table, score_set, score_sets
 from .controls import score_controls
@@ -73,4 +75,6 @@ __all__ = [
     "score_sets",
     "comparison_from_scores",
     "comparison_table",
+    "MeanCI",
+    "bootstrap_mean_ci",
 ]
