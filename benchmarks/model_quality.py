@@ -41,7 +41,6 @@ import torch
 from tqdm.auto import tqdm
 
 from corrlab.baselines import match_sift
-from corrlab.io_utils import atomic_write_bytes
 from corrlab.evaluation import bootstrap_mean_ci, pool_scores, score_matches
 from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, MultiViewDiT, load_default
 from corrlab.model.adherence import dominant_colour_word
@@ -55,6 +54,7 @@ from corrlab.model.native import (
     token_centres,
     token_queries,
 )
+from corrlab.model.sheets import conditioned_sheet, save_png, text_sheet
 from corrlab.model.train import HELD_OUT_SEED_START
 from corrlab.scenes import VOCABULARY, render_scene, sample_cameras
 
@@ -242,64 +242,7 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
         rec.to_csv(out / "conditioned.csv", index=False)
         ev_rows.to_csv(out / "conditioned_native.csv", index=False)
     if sheet:
-        conditioned_sheet(sets, Path(sheet))
-
-
-def save_png(image, path: Path) -> None:
-    """Write a PIL image as PNG atomically (corrlab.io_utils), world-readable like the rest of ``data/``."""
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    os.chmod(path, 0o644)  # the temporary file of mkstemp is 0600
-
-
-def conditioned_sheet(sets, path: Path, rows: int = 8, scale: int = 2) -> None:
-    """PNG: one row per scene: reference (view 0) | generated views 1.. | rendered truth of views 1.."""
-    from PIL import Image, ImageDraw
-
-    rows = min(rows, len(sets))
-    V, _, H, W = sets[0][1].images.shape
-    label, gap = 150, 8
-    width = label + (1 + 2 * (V - 1)) * W * scale + 2 * gap
-    sheet = Image.new("RGB", (width, rows * H * scale + 14), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r in range(rows):
-        truth, gen = sets[r]
-        x = label
-        for k, imgs in enumerate((truth.images[:1], gen.images[1:], truth.images[1:])):
-            strip = torch.cat(list(imgs), dim=2)
-            arr = (strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-            sheet.paste(im, (x, 14 + r * H * scale))
-            if r == 0:
-                draw.text((x + 2, 0), ("reference", "generated", "truth")[k], fill="black")
-            x += arr.shape[1] * scale + gap
-        draw.text((4, 14 + r * H * scale + H * scale // 2 - 6), truth.prompt, fill="black")
-    save_png(sheet, path)
-
-
-# ------------------------------------------------------------------------------------------ sheet
-def contact_sheet(rendered, generated, path: Path, rows: int = 8, scale: int = 2) -> None:
-    """PNG: one row per set, rendered views | generated views (same prompt and cameras), prompt on the left."""
-    from PIL import Image, ImageDraw
-
-    rows = min(rows, len(generated))
-    V, _, H, W = generated[0].images.shape
-    label, gap = 150, 8
-    sheet = Image.new("RGB", (label + (2 * V * W) * scale + gap, rows * H * scale), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r in range(rows):
-        for k, imgs in enumerate((rendered[r].images, generated[r].images)):
-            strip = torch.cat(list(imgs), dim=2)
-            arr = (strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-            sheet.paste(im, (label + k * (V * W * scale + gap), r * H * scale))
-        draw.text((4, r * H * scale + H * scale // 2 - 6), generated[r].prompt, fill="black")
-    draw.text((label + 2, 0), "rendered", fill="black")
-    draw.text((label + V * W * scale + gap + 2, 0), "generated", fill="black")
-    save_png(sheet, path)
+        save_png(conditioned_sheet(sets), sheet)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -347,7 +290,7 @@ def main(argv=None) -> int:
         if out:
             df.to_csv(out / "consistency.csv", index=False)
         if args.contact_sheet:
-            contact_sheet(rendered, generated, Path(args.contact_sheet))
+            save_png(text_sheet(rendered, generated), args.contact_sheet)
 
     if "b" not in args.skip and not isinstance(pipe.model, MultiViewDiT):
         print("\n(b) skipped: text-only native correspondences are measured for MultiViewDiT; see (e)")

@@ -9,7 +9,7 @@ def register(subparsers) -> None:
         "train",
         help="train the embedded multi-view model (DiT or UNet) on corrlab's scenes",
         description="Train MultiViewDiT or MultiViewUNet (config key arch) with the rectified-flow objective on scenes rendered on the fly. "
-        "Writes config.json, loss.jsonl, eval.jsonl and checkpoints/ under --out.",
+        "Writes config.json, loss.jsonl, eval.jsonl (tracking figures), samples/ (a reference | generated | truth sheet per evaluation, reference-conditioned runs) and checkpoints/ under --out.",
     )
     p.add_argument("--config", help="TrainConfig JSON file (defaults for missing keys; none = all defaults)")
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         if len(cfg.reference_probs) > 1:  # reference-conditioned: the image-conditioned tracking figures
             from ..model.conditioned import tracking_figures
 
-            return tracking_figures(model, cfg, n_sets=cfg.eval_sets)
+            # the sample sheet of the tracking generations, one PNG per evaluation: samples/step_XXXXXXX.png
+            return tracking_figures(model, cfg, n_sets=cfg.eval_sets,
+                                    sheet=out / "samples" / f"step_{trainer.step:07d}.png")
         return quick_native_eval(model, cfg, n_sets=cfg.eval_sets)
 
     trainer = Trainer(config, out, eval_fn=None if args.no_eval else eval_fn)

@@ -21,6 +21,7 @@ Both return tidy pandas tables (one row per scene x method [x layer x subset]).
 from __future__ import annotations
 
 import math
+import os
 
 import pandas as pd
 import torch
@@ -177,9 +178,11 @@ def reconstruction(pipe, n_sets: int = 16, views: int = 4, steps: int = 20, guid
     return (df, sets) if return_sets else df
 
 
-def tracking_figures(model, config=None, n_sets: int = 8) -> dict:
+def tracking_figures(model, config=None, n_sets: int = 8, sheet: str | os.PathLike | None = None) -> dict:
     """The training-time tracking figures (JSON-able): native far hits per layer at t = 0.5, the best
-    finest-grid layer vs the geometry-only guess at that grid, and image-conditioned PSNR vs the copy-reference control (8-step sampling)."""
+    finest-grid layer vs the geometry-only guess at that grid, and image-conditioned PSNR vs the copy-reference
+    control (8-step sampling). With ``sheet``, the sample sheet of those generations (reference | generated |
+    truth, :func:`corrlab.model.sheets.conditioned_sheet`) is written there as PNG."""
     from .pipeline import CorrlabPipeline
 
     df = pool_hits(native_hits(model, n_sets=n_sets, t=0.5))
@@ -193,7 +196,12 @@ def tracking_figures(model, config=None, n_sets: int = 8) -> dict:
     out["best_far"] = round(float(fine[fine.method == "native"].share.max()), 4)
     for method in ("chance", "camera geometry only", "appearance NN (noisy input)"):
         out[method] = round(float(fine[fine.method == method].share.iloc[0]), 4)
-    rec = reconstruction(CorrlabPipeline(model), n_sets=max(2, n_sets // 2), views=2, steps=8)  # restores train mode
+    rec, sets = reconstruction(CorrlabPipeline(model), n_sets=max(2, n_sets // 2), views=2, steps=8,
+                               return_sets=True)  # restores train mode
+    if sheet is not None:
+        from .sheets import conditioned_sheet, save_png
+
+        save_png(conditioned_sheet(sets), sheet)
     pooled = rec.groupby("method")[["psnr", "iou"]].mean()
     for method in pooled.index:
         out[f"psnr/{method}"] = round(float(pooled.loc[method, "psnr"]), 3)
