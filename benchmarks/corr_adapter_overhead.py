@@ -27,20 +27,10 @@ import time
 import torch
 
 from corrlab.interventions import CorrAdapterHandle
-from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, CorrlabPipeline, MultiViewDiT, load_default
+from corrlab.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_default
 from corrlab.scenes import sample_cameras
 
-
-def tiny_pipeline(seed: int = 0) -> CorrlabPipeline:
-    """A small random-init model for smoke runs (the zero-initialised adaLN gates and output layers are
-    randomised too, so attention, and CorrAdapter, change the output)."""
-    g = torch.Generator().manual_seed(seed)
-    model = MultiViewDiT(sample_size=32, patch_size=4, hidden_size=64, num_layers=4, num_heads=2, prompt_dim=16)
-    with torch.no_grad():
-        for p in model.parameters():
-            if float(p.abs().max()) == 0.0:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return CorrlabPipeline(model.eval())
+from corr_adapter_effect import tiny_pipeline  # noqa: E402 (same folder; python benchmarks/... puts it on sys.path)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
