@@ -3,6 +3,7 @@ references, the image-conditioned evaluation, and `corrlab generate --reference`
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -275,3 +276,22 @@ def test_probe_generations_image_conditioned_records_the_scene_and_its_reference
         probe_generations(CorrlabPipeline(MultiViewDiT(sample_size=16, patch_size=4, hidden_size=32, num_layers=1,
                                                        num_heads=2, prompt_dim=8, ray_freqs=2)),
                           [seed], tmp_path / "dit", num_views=3, reference_views=[0], progress=False)
+
+
+def test_resume_under_a_new_schedule_keeps_the_model(tmp_path, capsys):
+    """`corrlab train --resume --config NEW`: a cool-down continues the run; a different model is refused."""
+    base = dict(arch="unet", model=TINY_UNET, image_size=16, reference_probs=[0.5, 0.5], views=[2], view_probs=[1.0],
+                views_per_batch=2, steps=2, checkpoint_every=2, eval_every=0, log_every=1, warmup_steps=1, threads=1)
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "cool.json").write_text(json.dumps({**base, "steps": 4, "decay_steps": 2, "final_lr_ratio": 0.1}))
+    (tmp_path / "other.json").write_text(json.dumps({**base, "model": {**TINY_UNET, "channels": [8, 8]}}))
+    run = tmp_path / "run"
+    assert cli_main(["train", "--config", str(tmp_path / "a.json"), "--out", str(run), "--no-progress"]) == 0
+    assert cli_main(["train", "--config", str(tmp_path / "other.json"), "--out", str(run), "--resume", "--no-progress"]) != 0
+    assert re.search(r"--config: model is .* but the run .* was trained with", capsys.readouterr().err)
+    assert json.loads((run / "config.json").read_text())["model"]["channels"] == [8, 16]  # untouched
+    assert cli_main(["train", "--config", str(tmp_path / "cool.json"), "--out", str(run), "--resume", "--no-progress"]) == 0
+    lrs = [json.loads(line)["lr"] for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert len(lrs) == 4 and lrs[:2] == [base_lr := TrainConfig().lr, base_lr]
+    assert lrs[2] == pytest.approx(base_lr) and lrs[3] == pytest.approx(base_lr * 0.5)  # (4 - 3) / 2 of the way down
+    assert json.loads((run / "config.json").read_text())["decay_steps"] == 2

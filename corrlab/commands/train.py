@@ -14,7 +14,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="TrainConfig JSON file (defaults for missing keys; none = all defaults)")
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     p.add_argument("--steps", type=int, help="train up to this total step count (overrides the config)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out, under the run's config.json, or under --config "
+                   "when given (same model; a new schedule, e.g. configs/mvunet_s_cooldown.json)")
     p.add_argument("--init-from", metavar="MODEL_DIR",
                    help="start from shipped weights (e.g. data/corrlab-mvunet-s): model and EMA weights and the step "
                    "count come from the folder (its checkpoint.json), the optimiser starts fresh (warm-up again); "
@@ -33,10 +35,17 @@ def run(args: argparse.Namespace) -> int:
     from ..model.train import TrainConfig, Trainer
 
     out = Path(args.out)
-    if args.resume and (out / "config.json").is_file():
-        config = TrainConfig.from_json(out / "config.json")
-    elif args.config:
+    run_config = TrainConfig.from_json(out / "config.json") if args.resume and (out / "config.json").is_file() else None
+    if args.config:
         config = TrainConfig.from_json(args.config)
+        if run_config is not None:  # resuming under a new schedule (e.g. a cool-down): the model must stay the same
+            for key in ("arch", "model", "image_size"):
+                if getattr(config, key) != getattr(run_config, key):
+                    raise CorrlabError(f"--config: {key} is {getattr(config, key)!r} but the run in {str(out)!r} was "
+                                       f"trained with {getattr(run_config, key)!r}; a resumed run keeps its model")
+            print(f"resuming with the schedule of {args.config} (the run's config.json is replaced)")
+    elif run_config is not None:
+        config = run_config
     else:
         config = TrainConfig()
     if args.steps is not None:
