@@ -17,7 +17,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from ..errors import CorrlabError, ValueRangeError, WeightsNotFoundError, check_shape, describe
+from ..errors import CorrlabError, ShapeError, ValueRangeError, WeightsNotFoundError, check_shape, describe
 from ..geometry import Camera
 from .dit import MultiViewDiT
 from .rays import plucker_ray_embeds
@@ -221,7 +221,7 @@ class CorrlabPipeline:
             if not isinstance(cam, Camera):
                 raise CorrlabError(f"cameras[{i}]: expected a corrlab.geometry.Camera, got {describe(cam)}")
         B, V = len(prompts), len(cameras)
-        given, ref = self._reference_views(reference, V, size)
+        given, ref = self.reference_views(reference, V, size)
         if generator is None:
             generator = torch.Generator().manual_seed(int(seed))
         prompt_embeds = self.encode_prompt(prompts)
@@ -254,16 +254,19 @@ class CorrlabPipeline:
             fn(result)
         return result
 
-    def _reference_views(self, reference, views: int, size: int):
-        """Validate ``reference`` -> ``(given (V,) bool, images (V, 3, S, S))`` or ``(None, None)``."""
+    def reference_views(self, reference, views: int, size: int):
+        """Validate ``reference`` ``{view index: image (3, size, size) in [0, 1]}`` for ``views`` views ->
+        ``(given (V,) bool, images (V, 3, S, S))``, or ``(None, None)`` for None / ``{}``. The one check of a
+        reference, used by ``__call__`` and by the panels that pass one on."""
         if reference is None or (isinstance(reference, dict) and not reference):
             return None, None
         if not isinstance(reference, dict):
             raise CorrlabError(f"reference: expected a dict {{view index: image (3, H, W)}}, got {describe(reference)}")
         if not self.supports_reference:
             raise CorrlabError(
-                "reference: this model was not trained with reference views (a MultiViewDiT without "
-                "reference_conditioning); use a MultiViewUNet or a reference-conditioned model"
+                f"reference: this pipeline's model ({type(self.model).__name__}) was not trained with reference views "
+                "(pipeline.supports_reference is False); use a MultiViewUNet such as 'corrlab-mvunet-s' or a "
+                "reference-conditioned model, or leave reference out for text-to-multi-view"
             )
         given = torch.zeros(views, dtype=torch.bool)
         ref = torch.zeros(views, 3, size, size, dtype=torch.float32)
@@ -271,7 +274,8 @@ class CorrlabPipeline:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < views:
                 raise CorrlabError(f"reference: expected view indices in [0, {views}), got key {v!r}")
             img = torch.as_tensor(img, dtype=torch.float32)
-            check_shape(f"reference[{v}]", img, (3, size, size), expected=f"(3, {size}, {size}) in [0, 1]")
+            if tuple(img.shape) != (3, size, size):
+                raise ShapeError(f"reference[{v}]: expected a (3, {size}, {size}) tensor in [0, 1], got {describe(img)}")
             if not bool(torch.isfinite(img).all()) or float(img.min()) < 0 or float(img.max()) > 1:
                 raise ValueRangeError(f"reference[{v}]: expected finite values in [0, 1], got [{float(img.min())}, {float(img.max())}]")
             given[v] = True

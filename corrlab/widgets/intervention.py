@@ -140,23 +140,14 @@ def _check_conditioning(pipeline, num_views: int, size, cameras, reference) -> d
         out["cameras"] = cameras
     if reference is None or (isinstance(reference, dict) and not reference):
         return out
-    if not isinstance(reference, dict):
-        raise CorrlabError(f"reference: expected a dict {{view index: image (3, H, W)}}, got {describe(reference)}")
-    if not getattr(pipeline, "supports_reference", False):
-        raise CorrlabError(f"reference: this pipeline's model ({type(pipeline.model).__name__}) does not take "
-                           "reference views (pipeline.supports_reference is False); use a MultiViewUNet such as "
-                           "'corrlab-mvunet-s', or leave reference out for text-to-multi-view")
+    check = getattr(pipeline, "reference_views", None)  # the pipeline's own check (CorrlabPipeline.reference_views)
+    if check is None:
+        raise CorrlabError(f"reference: this pipeline ({describe(pipeline)}) takes no reference views; use a "
+                           "CorrlabPipeline with a MultiViewUNet such as 'corrlab-mvunet-s'")
+    check(reference, num_views, size or getattr(pipeline, "sample_size", None))
     if cameras is None:
         raise CorrlabError("cameras: a reference needs the cameras its views were rendered with (e.g. "
                            "render_scene(...).cameras), got None")
-    side = size or getattr(pipeline, "sample_size", None)
-    for v, img in reference.items():
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_views:
-            raise CorrlabError(f"reference: expected view indices in [0, {num_views}), got key {v!r}")
-        if not isinstance(img, torch.Tensor) or tuple(img.shape) != (3, side, side):
-            raise CorrlabError(f"reference[{v}]: expected a (3, {side}, {side}) tensor in [0, 1], got {describe(img)}")
-    if len(reference) == num_views:
-        raise CorrlabError(f"reference: every one of the {num_views} views is given; leave at least one to generate")
     out["reference"] = dict(reference)
     return out
 
