@@ -103,7 +103,6 @@ class ConsistencyConfig(JsonConfig):
             raise CorrlabError(f"steps, sets_per_step: expected positive ints, got {self.steps}, {self.sets_per_step}")
 
 
-
 def consistency_step_plan(config: ConsistencyConfig, step: int) -> list[int]:
     """Scene seeds of optimiser step ``step`` (a pure function of ``config.seed`` and ``step``)."""
     rng = np.random.default_rng([config.seed, 7, step])
@@ -316,5 +315,3 @@ class ConsistencyTrainer:
                 self.save_checkpoint()
         bar.close()
         return self.export()
-
-

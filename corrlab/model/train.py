@@ -158,7 +158,6 @@ class TrainConfig(JsonConfig):
             raise CorrlabError(f"image_size: expected a multiple of the patch size, got {self.image_size}")
 
 
-
 # ---------------------------------------------------------------------------- pure pieces
 def sample_timesteps(n: int, mode: str, generator: torch.Generator, std: float = 1.0) -> torch.Tensor:
     """``(n,)`` training times in (0, 1): logit-normal(0, std) or uniform."""
