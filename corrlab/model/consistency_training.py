@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..errors import CorrlabError, check_choice
 from .consistency import attention_ce_loss, feature_consistency_loss, token_correspondences
 from .train import JsonConfig, checkpoint_dirs, write_checkpoint
-from .lora import ATTENTION_TARGETS, ADAPTER_FILE, add_lora, base_fingerprint, lora_state_dict, save_lora
+from .lora import ATTENTION_TARGETS, ADAPTER_FILE, add_lora, base_fingerprint, save_lora
 
 __all__ = ["ConsistencyConfig", "ConsistencyTrainer", "LOSSES", "consistency_step_plan"]
 
