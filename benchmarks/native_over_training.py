@@ -28,29 +28,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from corrlab.errors import CorrlabError
 from corrlab.io_utils import atomic_write_bytes
+from corrlab.model import load_default
 from corrlab.model.conditioned import native_hits, pool_hits
-from corrlab.model.train import ARCHITECTURES, HELD_OUT_SEED_START
+from corrlab.model.train import HELD_OUT_SEED_START
 
 
 def load_checkpoint(path: Path):
-    """(model, step) from an EMA step folder or a pipeline folder."""
-    sub = path / "model" if (path / "model" / "config.json").is_file() else path
-    if not (sub / "config.json").is_file():
-        raise CorrlabError(f"--checkpoints: expected a folder with config.json or model/config.json, got {str(path)!r}")
-    name = json.loads((sub / "config.json").read_text()).get("_class_name")
-    cls = {c.__name__: c for c in ARCHITECTURES.values()}.get(name)
-    if cls is None:
-        raise CorrlabError(f"--checkpoints: {str(path)!r} holds a {name}, expected one of "
-                           f"{sorted(c.__name__ for c in ARCHITECTURES.values())}")
+    """(model, step) from an EMA step folder or a pipeline folder (both read by ``load_default``)."""
+    model = load_default(str(path)).model
     info = path / "checkpoint.json"
     if info.is_file():
         step = int(json.loads(info.read_text())["step"])
     else:
         m = re.search(r"step_(\d+)", path.name)
         step = int(m.group(1)) if m else -1
-    return cls.from_pretrained(sub, low_cpu_mem_usage=False).eval(), step
+    return model, step
 
 
 def measure(model, n: int, seed_start: int, t: float) -> pd.DataFrame:
