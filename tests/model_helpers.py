@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+import corrlab
 from corrlab.model import plucker_ray_embeds
 from corrlab.scenes import sample_cameras
 
@@ -24,3 +25,15 @@ def random_inputs(B: int, V: int, size: int, seed: int, patch_size: int):
     rays = torch.stack([plucker_ray_embeds(sample_cameras(seed + b, V, size, "train"), size, patch_size)
                         for b in range(B)])
     return x, t, rays
+
+
+def probe_unet_bit_identical(m, x, t, pe, rays):
+    """Runs ``m`` before, inside and after ``corrlab.probe(m, heads="mean")``; asserts the three outputs are
+    bit-identical (exact: the same forward pass three times) and returns the probe record."""
+    with torch.no_grad():
+        before = m(x, t, pe, rays)
+        with corrlab.probe(m, heads="mean") as rec:
+            during = m(x, t, pe, rays)
+        after = m(x, t, pe, rays)
+    assert torch.equal(before, during) and torch.equal(before, after)
+    return rec

@@ -16,15 +16,15 @@ from corrlab.model.conditioned import native_hits, pool_hits, psnr, reconstructi
 from corrlab.model.train import TrainConfig, Trainer, flow_matching_loss, sample_given
 from corrlab.scenes import render_scene
 from corrlab.sets import load_set, save_set
-from model_helpers import perturbed, random_inputs
+from model_helpers import perturbed, probe_unet_bit_identical, random_inputs
 
 TINY_UNET = dict(sample_size=16, channels=[8, 16], attention_levels=[0, 1], stem=2, num_heads=2, prompt_dim=8,
                  ray_freqs=2)
 
 
-def tiny_unet(seed: int = 0) -> MultiViewUNet:
+def tiny_unet(seed: int = 0, **config) -> MultiViewUNet:
     torch.manual_seed(seed)
-    return perturbed(MultiViewUNet(**TINY_UNET))
+    return perturbed(MultiViewUNet(**{**TINY_UNET, **config}))
 
 
 def unet_inputs(B=1, V=3, size=16, seed=0):
@@ -50,10 +50,12 @@ def test_unet_forward_grids_and_bad_input():
         m(x[..., :14, :14], t, pe, rays[..., :14, :14])
 
 
-def test_unet_permutation_equivariant_over_views():
-    """Position reaches attention only through camera rays: permuting views with their rays permutes the output.
-    Tolerance 1e-5: attention sums the same terms in another order (float32 reassociation)."""
-    m = tiny_unet()
+@pytest.mark.parametrize("encoding", ["none", "prope"])
+def test_unet_permutation_equivariant_over_views(encoding):
+    """Position reaches attention only through camera rays (and, with PRoPE, the relative cameras): permuting
+    views with their rays permutes the output. Tolerance 1e-5: attention sums the same terms in another order
+    (float32 reassociation)."""
+    m = tiny_unet(num_heads=1, relative_encoding=encoding)
     x, t, rays = unet_inputs(B=1, V=4)
     pe = m.encode_prompt(["green checkered cone"])
     given = torch.tensor([[True, False, False, True]])
@@ -161,12 +163,7 @@ def test_probe_reads_the_unet_at_each_layers_grid_and_leaves_it_bit_identical():
     x, t, rays = unet_inputs(B=1, V=2)
     pe = m.encode_prompt(["red striped box"])
     layers = dict((e.name, e.grid) for e in corrlab.probe.layers(m)) if hasattr(corrlab.probe.layers(m)[0], "name") else None
-    with torch.no_grad():
-        before = m(x, t, pe, rays)
-        with corrlab.probe(m, heads="mean") as rec:
-            during = m(x, t, pe, rays)
-        after = m(x, t, pe, rays)
-    assert torch.equal(before, during) and torch.equal(before, after)  # exact: the same forward pass three times
+    rec = probe_unet_bit_identical(m, x, t, pe, rays)
     assert rec.layers == [f"blocks.{i}.attn" for i in range(5)]
     assert rec.grid("blocks.0.attn") == (8, 8) and rec.grid("blocks.2.attn") == (4, 4)
     if layers is not None:

@@ -151,6 +151,11 @@ class ConsistencyTrainer:
             path = resolve_model_path(config.base)
             ck = path / "checkpoint.json"
             base_info = {"base_name": path.name, **({"base_step": json.loads(ck.read_text()).get("step")} if ck.is_file() else {})}
+        if config.loss == "attention-ce" and getattr(model.config, "relative_encoding", "none") != "none":
+            raise CorrlabError(
+                f"loss: 'attention-ce' reads q and k from to_q / to_k, which a model with relative_encoding="
+                f"{model.config.relative_encoding!r} transforms inside attention; use loss 'eq14'"
+            )
         self.model = model
         if config.image_size is None:
             config.image_size = int(model.config.sample_size)

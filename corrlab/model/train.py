@@ -425,7 +425,7 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, which
     ``checkpoint`` is ``RUN/checkpoints/step_XXXXXXX``; the run's config.json is copied to
     ``out/train_config.json`` when found. The folder is assembled in a temporary sibling and renamed.
     """
-    from .pipeline import CorrlabPipeline
+    from .pipeline import MODEL_CLASSES, CorrlabPipeline
 
     ck = Path(checkpoint)
     if which not in ("ema", "model") or not (ck / which / "config.json").is_file():
@@ -433,8 +433,9 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, which
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arch = json.loads((ck / which / "config.json").read_text()).get("_class_name", "MultiViewDiT")
-    cls = MultiViewUNet if arch == "MultiViewUNet" else MultiViewDiT
-    model = cls.from_pretrained(ck / which, low_cpu_mem_usage=False)
+    if arch not in MODEL_CLASSES:
+        raise CorrlabError(f"checkpoint: {str(ck / which)!r} holds a {arch!r}; expected one of {sorted(MODEL_CLASSES)}")
+    model = MODEL_CLASSES[arch].from_pretrained(ck / which, low_cpu_mem_usage=False)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     CorrlabPipeline(model).save_pretrained(tmp)
     run_config = ck.parent.parent / "config.json"

@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import ShapeError, check_shape, describe
 from .dit import ray_fourier_features, scene_vocabulary, timestep_features, timestep_vector
 from .prompt import PromptEncoder
+from .prope import PRoPEAttnProcessor, projective_matrices_from_rays
 
 __all__ = ["MultiViewUNet"]
 
@@ -72,26 +73,27 @@ class MultiViewAttentionBlock(nn.Module):
     normalised tokens before q/k/v.
     """
 
-    def __init__(self, dim: int, num_heads: int, ray_freqs: int):
+    def __init__(self, dim: int, num_heads: int, ray_freqs: int, prope_blocks: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.ray_embed = nn.Sequential(nn.Linear(6 + 12 * ray_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.prope_blocks = int(prope_blocks)
         self.attn = Attention(
             query_dim=dim, heads=num_heads, dim_head=dim // num_heads, bias=True, out_bias=True,
-            processor=AttnProcessor2_0(),
+            processor=PRoPEAttnProcessor(self.prope_blocks) if self.prope_blocks else AttnProcessor2_0(),
         )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
         self.ray_freqs = ray_freqs
 
-    def forward(self, x: torch.Tensor, rays: torch.Tensor, views: int) -> torch.Tensor:
-        """``x (B*V, C, h, w)``, ``rays (B*V, 6, h, w)`` -> ``(B*V, C, h, w)``."""
+    def forward(self, x: torch.Tensor, rays: torch.Tensor, views: int, cameras: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (B*V, C, h, w)``, ``rays (B*V, 6, h, w)``, ``cameras (B, V, 4, 4)`` (with PRoPE) -> ``(B*V, C, h, w)``."""
         BV, C, h, w = x.shape
         B = BV // views
         tok = x.permute(0, 2, 3, 1).reshape(B, views * h * w, C)
         r = rays.permute(0, 2, 3, 1).reshape(B, views * h * w, 6)
         a = self.norm1(tok) + self.ray_embed(ray_fourier_features(r, self.ray_freqs))
-        tok = tok + self.attn(a)
+        tok = tok + (self.attn(a, cameras=cameras, views=views) if self.prope_blocks else self.attn(a))
         tok = tok + self.mlp(self.norm2(tok))
         return tok.reshape(BV, h, w, C).permute(0, 3, 1, 2)
 
@@ -106,7 +108,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
     Config: ``sample_size``, ``channels`` (width per level, finest first), ``attention_levels`` (indices of
     the levels with multi-view attention; level ``i`` has stride ``2 ** i``), ``num_heads``, ``prompt_dim``,
     ``ray_freqs``, ``scene_scale``, ``vocabulary``, ``stem`` (pixel-unshuffle factor of the input: level 0
-    runs at ``H / stem``); ``patch_size`` is 1 (rays are per pixel) and exists so
+    runs at ``H / stem``), ``relative_encoding`` ("none", or "prope": half of every head's channels carry the
+    relative projective camera encoding of :mod:`corrlab.model.prope`); ``patch_size`` is 1 (rays are per pixel) and exists so
     that the pipeline and the probes read this model like :class:`MultiViewDiT`.
     Attention layers, in forward order: encoder levels (coarsening), the middle, decoder levels (refining);
     ``attention_grids(H, W)`` gives each one's token grid.
@@ -130,8 +133,11 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         patch_size: int = 1,
         vocabulary: Sequence[str] | None = None,
         stem: int = 1,
+        relative_encoding: str = "none",
     ):
         super().__init__()
+        if relative_encoding not in ("none", "prope"):
+            raise ShapeError(f"relative_encoding: expected 'none' or 'prope', got {relative_encoding!r}")
         if vocabulary is None:
             vocabulary = scene_vocabulary()
         self.register_to_config(vocabulary=list(vocabulary), channels=list(channels), attention_levels=list(attention_levels))
@@ -165,7 +171,12 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         # attention blocks in forward order: encoder (levels ascending), middle, decoder (descending)
         plan: list[tuple[str, int]] = [("down", a) for a in att] + [("mid", levels - 1)] + [("up", a) for a in reversed(att)]
         self._attention_plan = plan
-        self.blocks = nn.ModuleList([MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs) for _, lv in plan])
+        def prope_blocks(dim: int) -> int:
+            return (dim // num_heads) // 8 if relative_encoding == "prope" else 0
+
+        self.blocks = nn.ModuleList(
+            [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv])) for _, lv in plan]
+        )
         self.norm_out = nn.GroupNorm(_groups(chans[0]), chans[0])
         self.conv_out = nn.Conv2d(chans[0], in_channels * stem * stem, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
@@ -221,6 +232,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         flag = given.reshape(B * V, 1, 1, 1).to(dtype).expand(B * V, 1, H, W)
         rays = ray_embeds.to(dtype).reshape(B * V, 6, H, W)
         x = torch.cat([sample.to(dtype).reshape(B * V, c, H, W), flag, rays], dim=1)
+        cams = None
+        if self.config.relative_encoding == "prope":
+            cams = projective_matrices_from_rays(rays).reshape(B, V, 4, 4)
         s = int(self.config.stem)
         if s > 1:
             x = F.pixel_unshuffle(x, s)
@@ -236,17 +250,17 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         for lv, (res, ds) in enumerate(zip(self.down, self.downsample)):
             x = res(x, cond)
             if lv in att_down:
-                x = self.blocks[att_down[lv]](x, ray_levels[lv], V)
+                x = self.blocks[att_down[lv]](x, ray_levels[lv], V, cams)
             skips.append(x)
             x = ds(x)
         x = self.mid(x, cond)
-        x = self.blocks[mid_i](x, ray_levels[-1], V)
+        x = self.blocks[mid_i](x, ray_levels[-1], V, cams)
         levels = len(self.config.channels)
         for j, (res, us) in enumerate(zip(self.up, self.upsample)):
             lv = levels - 1 - j
             x = res(torch.cat([x, skips[lv]], dim=1), cond)
             if lv in att_up:
-                x = self.blocks[att_up[lv]](x, ray_levels[lv], V)
+                x = self.blocks[att_up[lv]](x, ray_levels[lv], V, cams)
             if lv > 0:
                 x = us(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         x = self.conv_out(F.silu(self.norm_out(x)))
