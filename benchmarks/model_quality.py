@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
     pick = far_ev[far_ev.layer == best].set_index("method")["share"]
     summary["cond_native_best_layer"] = best
     for method, v in pick.items():
-        summary[f"cond_native_far_{method.replace(' ', '_').replace('(', '').replace(')', '')}"] = round(float(v), 4)
+        summary["cond_native_far_" + re.sub(r"[^0-9A-Za-z]+", "_", method).strip("_")] = round(float(v), 4)
     summary["cond_native_far_queries"] = int(far_ev[(far_ev.layer == best) & (far_ev.method == "native")]["n"].iloc[0])
     if out:
         rec.to_csv(out / "conditioned.csv", index=False)

@@ -5,8 +5,8 @@ saved EMA weights with the protocol of ``model_quality.py`` (e): image-condition
 given clean, view 1 noised to t = 0.5; a view-1 object token's native match (the matcher's head-averaged
 softmax) is a hit when within 1 token of its true match in view 0; "far" = the true match moves >= 2 tokens.
 The best finest-grid (16 x 16) layer is chosen on the selection scenes (``--seed-start + 40000``) and
-reported on separate evaluation scenes (``+ 50000``), beside the camera-geometry-only guess and appearance
-NN at that grid. So: does training keep improving the native correspondences?
+reported on separate evaluation scenes (``+ 50000``), beside the camera-geometry-only guess, appearance
+NN and appearance NN along the true epipolar line (both on the same noisy input) at that grid. So: does training keep improving the native correspondences?
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/native_over_training.py \\
         --checkpoints RUN/ema/step_0004000 RUN/ema/step_0008000 --out results/native_over_training
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                "queries": int(ev.loc["native", "n"])}
         for layer in sorted(g.layer.unique()):
             row[f"{layer} (evaluation)"] = float(g[(g.split == "evaluation") & (g.layer == layer) & (g.method == "native")]["share"].iloc[0])
-        for method in ("camera geometry only", "appearance NN (noisy input)"):
+        for method in ("camera geometry only", "appearance NN (noisy input)", "epipolar + appearance NN (noisy input)"):
             row[method] = ev.loc[method, "share"]
         rows.append(row)
         key[f"far_step{step}"] = round(float(row["native far (evaluation)"]), 4)
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
           f"{args.n_native} selection scenes, reported on {args.n_native} evaluation scenes")
     print(table.round(3).to_string(index=False))
     key["camera_geometry_only"] = round(float(table["camera geometry only"].iloc[0]), 4)
+    key["epipolar_appearance_noisy"] = round(float(table["epipolar + appearance NN (noisy input)"].iloc[0]), 4)
     print(" ".join(f"{k}={v}" for k, v in key.items()))
     return 0
 

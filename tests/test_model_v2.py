@@ -174,7 +174,8 @@ def test_image_conditioned_evaluation_tables():
     m = tiny_unet()
     df = pool_hits(native_hits(m, n_sets=2, t=0.5, seed_start=1_000_500))
     assert {"native", "chance", "same position", "camera geometry only", "appearance NN (noisy input)",
-            "appearance NN (clean)"} <= set(df.method)
+            "appearance NN (clean)", "epipolar + appearance NN (noisy input)",
+            "epipolar + appearance NN (clean)"} <= set(df.method)
     assert ((df.share >= 0) & (df.share <= 1)).all()
     rec = reconstruction(CorrlabPipeline(m), n_sets=2, views=2, steps=2, seed_start=1_000_600)
     assert set(rec.method) == {"generated", "copy reference", "mean image"} and len(rec) == 6
@@ -292,3 +293,35 @@ def test_resume_under_a_new_schedule_keeps_the_model(tmp_path, capsys):
     assert len(lrs) == 4 and lrs[:2] == [base_lr := TrainConfig().lr, base_lr]
     assert lrs[2] == pytest.approx(base_lr) and lrs[3] == pytest.approx(base_lr * 0.5)  # (4 - 3) / 2 of the way down
     assert json.loads((run / "config.json").read_text())["decay_steps"] == 2
+
+
+def test_epipolar_appearance_nn_picks_the_best_patch_near_the_epipolar_line():
+    """Each pick lies within one token of the query's epipolar line (where any token does) and is the
+    cheapest patch there: never cheaper than the unrestricted nearest neighbour, equal to it when that one
+    is in the band."""
+    from corrlab.geometry.epipolar import epipolar_lines, fundamental_matrix
+    from corrlab.model.native import appearance_nn, epipolar_appearance_nn
+    from corrlab.model.rays import token_centres
+
+    mvs = render_scene(1_000_700, 2, 32, "train")
+    p = 4
+    pick = epipolar_appearance_nn(mvs.images, mvs.cameras, 1, 0, p)
+    free = appearance_nn(mvs.images, 1, 0, p)
+    centres = token_centres(32, 32, p)
+    lines = epipolar_lines(centres, fundamental_matrix(mvs.cameras[1], mvs.cameras[0]))
+    dist = ((lines[:, None, :2] * centres[None]).sum(-1) + lines[:, None, 2]).abs()
+    band = dist <= p
+    assert band.any(dim=1).float().mean() > 0.5  # the lines cross the image for most tokens
+    rows = torch.arange(len(pick))
+    assert band[rows, pick][band.any(dim=1)].all()
+
+    def patches(img):
+        return img.reshape(3, 8, p, 8, p).permute(1, 3, 0, 2, 4).reshape(64, -1).double()
+
+    cost = torch.cdist(patches(mvs.images[1]), patches(mvs.images[0]))
+    assert (cost[rows, pick] >= cost[rows, free] - 1e-12).all()
+    in_band = band[rows, free]
+    assert torch.equal(cost[rows, pick][in_band], cost[rows, free][in_band])
+    masked = torch.where(band, cost, torch.full_like(cost, float("inf"))).min(dim=1).values
+    has = band.any(dim=1)
+    assert torch.equal(cost[rows, pick][has], masked[has])

@@ -28,7 +28,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CorrlabError
-from .native import appearance_nn, chance_rate, geometry_guess, hits, layer_matches, pixel_to_index, token_queries
+from .native import (
+    appearance_nn,
+    chance_rate,
+    epipolar_appearance_nn,
+    geometry_guess,
+    hits,
+    layer_matches,
+    pixel_to_index,
+    token_queries,
+)
 from .rays import token_centres
 
 __all__ = ["native_hits", "pool_hits", "reconstruction", "psnr", "ssim", "object_mask", "tracking_figures"]
@@ -113,6 +122,12 @@ def native_hits(model, n_sets: int = 16, t: float = 0.5, far_tokens: float = 2.0
                             hits(appearance_nn(x_noisy, 1, 0, p)[q.src_idx], q.gt_pix, p, h, w).double(),
                         "appearance NN (clean)":
                             hits(appearance_nn(mvs.images, 1, 0, p)[q.src_idx], q.gt_pix, p, h, w).double(),
+                        "epipolar + appearance NN (noisy input)": hits(
+                            epipolar_appearance_nn(x_noisy, mvs.cameras, 1, 0, p)[q.src_idx], q.gt_pix, p, h, w
+                        ).double(),
+                        "epipolar + appearance NN (clean)": hits(
+                            epipolar_appearance_nn(mvs.images, mvs.cameras, 1, 0, p)[q.src_idx], q.gt_pix, p, h, w
+                        ).double(),
                     })
                 q, static = controls[p]
                 if static is None:

@@ -11,7 +11,10 @@ token is within 1 token (Chebyshev, i.e. the 3 x 3 cells around the true token) 
 
 Controls on the same queries: chance (expected hit rate of a uniformly random token), same position,
 camera geometry only (the point on the query ray nearest the object centre, reprojected), appearance
-nearest neighbour (patch pixels, L2) on the same noisy input and on the clean images.
+nearest neighbour (patch pixels, L2) on the same noisy input and on the clean images, and a matcher that
+knows both: appearance nearest neighbour among the destination tokens within one token of the query's true
+epipolar line (:func:`epipolar_appearance_nn`, on the noisy input and on the clean images), a rough guide to
+what cameras plus appearance can find on these scenes at this grid.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 
 from ..errors import CorrlabError
 from ..geometry.correspondences import ground_truth_match_for
+from ..geometry.epipolar import epipolar_lines, fundamental_matrix
 from ..geometry.tokens import pixel_to_token
 from .rays import plucker_ray_embeds, token_centres
 
@@ -35,6 +39,7 @@ __all__ = [
     "chance_rate",
     "geometry_guess",
     "appearance_nn",
+    "epipolar_appearance_nn",
 ]
 
 
@@ -110,6 +115,29 @@ def appearance_nn(images: torch.Tensor, src: int, dst: int, patch_size: int) -> 
         return img.reshape(c, H // p, p, W // p, p).permute(1, 3, 0, 2, 4).reshape((H // p) * (W // p), -1)
 
     return torch.cdist(patches(images[src].double()), patches(images[dst].double())).argmin(dim=1)
+
+
+def epipolar_appearance_nn(images: torch.Tensor, cameras, src: int, dst: int, patch_size: int) -> torch.Tensor:
+    """:func:`appearance_nn` restricted to the destination tokens whose centre lies within one token
+    (``patch_size`` pixels) of each source token's epipolar line under the true cameras.
+
+    ``images (V, 3, H, W)``, ``cameras`` the ``V`` cameras -> ``(h*w,)`` destination token indices for every
+    source token (the unrestricted nearest neighbour where no token is that close to the line).
+    """
+    p = patch_size
+    H, W = images.shape[-2:]
+    centres = token_centres(H, W, p)
+    lines = epipolar_lines(centres, fundamental_matrix(cameras[src], cameras[dst]))  # (h*w, 3) in dst
+    dist = (lines[:, None, :2] * centres[None]).sum(-1).add(lines[:, None, 2]).abs()  # (src tokens, dst tokens)
+    band = torch.nan_to_num(dist, nan=float("inf")) <= p
+
+    def patches(img):
+        c = img.shape[0]
+        return img.reshape(c, H // p, p, W // p, p).permute(1, 3, 0, 2, 4).reshape((H // p) * (W // p), -1)
+
+    cost = torch.cdist(patches(images[src].double()), patches(images[dst].double()))
+    restricted = torch.where(band, cost, torch.full_like(cost, float("inf")))
+    return torch.where(band.any(dim=1), restricted.argmin(dim=1), cost.argmin(dim=1))
 
 
 @torch.no_grad()
