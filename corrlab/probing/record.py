@@ -122,8 +122,7 @@ class RecordBuilder:
         idx[src, tg] = index.to("cpu", torch.int32).numpy().transpose(1, 0, 2)
         conf[src, tg] = confidence.to("cpu", torch.float32).numpy().transpose(1, 0, 2)
         kp[src, tg] = kept.to("cpu").numpy().transpose(1, 0, 2)
-        self.timesteps[step] = float("nan") if timestep is None else float(timestep)
-        self.version += 1
+        self._stored(step, timestep)
 
     def add_all(self, layer: str, step: int, timestep: float | None, index: torch.Tensor, confidence: torch.Tensor,
                 kept: torch.Tensor) -> None:
@@ -150,6 +149,10 @@ class RecordBuilder:
         diag = np.arange(V)
         idx[diag, diag], conf[diag, diag], kp[diag, diag] = -1, np.nan, False
         entry.steps[step] = (idx, conf, kp)
+        self._stored(step, timestep)
+
+    def _stored(self, step: int, timestep: float | None) -> None:
+        """Bookkeeping after matches of ``step`` were stored: its timestep (NaN when unknown), a new version."""
         self.timesteps[step] = float("nan") if timestep is None else float(timestep)
         self.version += 1
 
