@@ -50,12 +50,16 @@ def test_unet_forward_grids_and_bad_input():
         m(x[..., :14, :14], t, pe, rays[..., :14, :14])
 
 
-@pytest.mark.parametrize("encoding", ["none", "prope"])
-def test_unet_permutation_equivariant_over_views(encoding):
-    """Position reaches attention only through camera rays (and, with PRoPE, the relative cameras): permuting
-    views with their rays permutes the output. Tolerance 1e-5: attention sums the same terms in another order
-    (float32 reassociation)."""
-    m = tiny_unet(num_heads=1, relative_encoding=encoding)
+@pytest.mark.parametrize("option", [{}, {"relative_encoding": "prope"}, {"epipolar_bias": True}])
+def test_unet_permutation_equivariant_over_views(option):
+    """Position reaches attention only through camera rays (and, with PRoPE or the epipolar bias, the relative
+    cameras): permuting views with their rays permutes the output. Tolerance 1e-5: attention sums the same
+    terms in another order (float32 reassociation)."""
+    m = tiny_unet(num_heads=1, **option)
+    if option.get("epipolar_bias"):
+        with torch.no_grad():
+            for b in m.blocks:
+                b.epipolar_gain.fill_(0.3)
     x, t, rays = unet_inputs(B=1, V=4)
     pe = m.encode_prompt(["green checkered cone"])
     given = torch.tensor([[True, False, False, True]])

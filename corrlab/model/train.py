@@ -33,6 +33,10 @@ from .dit import MultiViewDiT
 from .rays import plucker_ray_embeds
 from .unet import MultiViewUNet
 
+#: Parameter-name endings that ``Trainer.init_from`` may leave at their initial value: parameters an option
+#: adds to a shipped model with a neutral start.
+ADDED_BY_OPTIONS = ("epipolar_gain",)
+
 #: The embedded model's architectures, by the name ``TrainConfig.arch`` uses.
 ARCHITECTURES = {"dit": MultiViewDiT, "unet": MultiViewUNet}
 
@@ -328,8 +332,17 @@ class Trainer:
         if name != cls.__name__:
             raise CorrlabError(f"init_from: the run's arch is {cls.__name__} but {str(d)!r} holds a {name}")
         state = cls.from_pretrained(sub, low_cpu_mem_usage=False).state_dict()
-        self.model.load_state_dict(state)
-        self.ema.load_state_dict(state)
+        for target in (self.model, self.ema):
+            try:
+                missing, unexpected = target.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # a parameter of another shape
+                raise CorrlabError(f"init_from: {str(d)!r} does not match the run's model: {e}") from None
+            # parameters an option adds with a neutral start (MultiViewUNet(epipolar_bias=True): zero gains) may be absent
+            new = [k for k in missing if not k.endswith(ADDED_BY_OPTIONS)]
+            if new or unexpected:
+                raise CorrlabError(
+                    f"init_from: {str(d)!r} does not match the run's model: missing {new[:4]}, unexpected {unexpected[:4]}"
+                )
         info = json.loads((d / "checkpoint.json").read_text()) if (d / "checkpoint.json").is_file() else {}
         self.step = int(info.get("step", 0))
         self.wall = float(info.get("wall_s", 0.0))

@@ -32,6 +32,7 @@ from ..errors import ShapeError, check_shape, describe
 from .dit import ray_fourier_features, scene_vocabulary, timestep_features, timestep_vector
 from .prompt import PromptEncoder
 from .prope import PRoPEAttnProcessor, projective_matrices_from_rays
+from .ray_bias import EpipolarBiasAttnProcessor, unit_rays
 
 __all__ = ["MultiViewUNet"]
 
@@ -73,14 +74,19 @@ class MultiViewAttentionBlock(nn.Module):
     normalised tokens before q/k/v.
     """
 
-    def __init__(self, dim: int, num_heads: int, ray_freqs: int, prope_blocks: int = 0):
+    def __init__(self, dim: int, num_heads: int, ray_freqs: int, prope_blocks: int = 0, epipolar_bias: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.ray_embed = nn.Sequential(nn.Linear(6 + 12 * ray_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.prope_blocks = int(prope_blocks)
+        if epipolar_bias:
+            processor = EpipolarBiasAttnProcessor()
+            self.epipolar_gain = nn.Parameter(torch.zeros(num_heads))
+        else:
+            processor = PRoPEAttnProcessor(self.prope_blocks) if self.prope_blocks else AttnProcessor2_0()
+            self.epipolar_gain = None
         self.attn = Attention(
-            query_dim=dim, heads=num_heads, dim_head=dim // num_heads, bias=True, out_bias=True,
-            processor=PRoPEAttnProcessor(self.prope_blocks) if self.prope_blocks else AttnProcessor2_0(),
+            query_dim=dim, heads=num_heads, dim_head=dim // num_heads, bias=True, out_bias=True, processor=processor,
         )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
@@ -93,7 +99,12 @@ class MultiViewAttentionBlock(nn.Module):
         tok = x.permute(0, 2, 3, 1).reshape(B, views * h * w, C)
         r = rays.permute(0, 2, 3, 1).reshape(B, views * h * w, 6)
         a = self.norm1(tok) + self.ray_embed(ray_fourier_features(r, self.ray_freqs))
-        tok = tok + (self.attn(a, cameras=cameras, views=views) if self.prope_blocks else self.attn(a))
+        if self.epipolar_gain is not None:
+            tok = tok + self.attn(a, rays=unit_rays(r), gain=self.epipolar_gain)
+        elif self.prope_blocks:
+            tok = tok + self.attn(a, cameras=cameras, views=views)
+        else:
+            tok = tok + self.attn(a)
         tok = tok + self.mlp(self.norm2(tok))
         return tok.reshape(BV, h, w, C).permute(0, 3, 1, 2)
 
@@ -109,7 +120,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
     the levels with multi-view attention; level ``i`` has stride ``2 ** i``), ``num_heads``, ``prompt_dim``,
     ``ray_freqs``, ``scene_scale``, ``vocabulary``, ``stem`` (pixel-unshuffle factor of the input: level 0
     runs at ``H / stem``), ``relative_encoding`` ("none", or "prope": half of every head's channels carry the
-    relative projective camera encoding of :mod:`corrlab.model.prope`); ``patch_size`` is 1 (rays are per pixel) and exists so
+    relative projective camera encoding of :mod:`corrlab.model.prope`), ``epipolar_bias`` (a learned per-head
+    penalty on attention between tokens off each other's epipolar lines, :mod:`corrlab.model.ray_bias`); ``patch_size`` is 1 (rays are per pixel) and exists so
     that the pipeline and the probes read this model like :class:`MultiViewDiT`.
     Attention layers, in forward order: encoder levels (coarsening), the middle, decoder levels (refining);
     ``attention_grids(H, W)`` gives each one's token grid.
@@ -134,10 +146,13 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         vocabulary: Sequence[str] | None = None,
         stem: int = 1,
         relative_encoding: str = "none",
+        epipolar_bias: bool = False,
     ):
         super().__init__()
         if relative_encoding not in ("none", "prope"):
             raise ShapeError(f"relative_encoding: expected 'none' or 'prope', got {relative_encoding!r}")
+        if epipolar_bias and relative_encoding != "none":
+            raise ShapeError(f"epipolar_bias: not combined with relative_encoding={relative_encoding!r}; expected 'none'")
         if vocabulary is None:
             vocabulary = scene_vocabulary()
         self.register_to_config(vocabulary=list(vocabulary), channels=list(channels), attention_levels=list(attention_levels))
@@ -175,7 +190,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             return (dim // num_heads) // 8 if relative_encoding == "prope" else 0
 
         self.blocks = nn.ModuleList(
-            [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv])) for _, lv in plan]
+            [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv]), bool(epipolar_bias))
+             for _, lv in plan]
         )
         self.norm_out = nn.GroupNorm(_groups(chans[0]), chans[0])
         self.conv_out = nn.Conv2d(chans[0], in_channels * stem * stem, 3, padding=1)

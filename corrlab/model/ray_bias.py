@@ -1,0 +1,78 @@
+"""An epipolar attention bias from Plücker rays, carried in the queries and keys (for :class:`MultiViewUNet`).
+
+Two rays ``r_i = (d_i, m_i)`` and ``r_j = (d_j, m_j)`` (unit direction, moment ``m = o x d``) meet, or are
+parallel, exactly when their reciprocal product ``d_i . m_j + m_i . d_j`` is zero: token ``j`` of another view
+lies on token ``i``'s epipolar line. Tokens of the same view share a centre, so their product is always zero.
+The bias subtracts ``lambda_h * (d_i . m_j + m_i . d_j)^2`` from every attention logit of head ``h``, a soft
+epipolar constraint whose strength ``lambda_h = 10 * gain_h`` each head learns (``gain`` starts at zero: a model
+with the option and zero gains computes the same function as without it, up to float rounding).
+
+The square of a bilinear form is bilinear in outer products, ``(a . b)^2 = vec(a a^T) . vec(b b^T)``, so the
+bias travels as 36 extra channels of q and k: ``q' = [q, -lambda_h sqrt(d) vec(r_i r_i^T)]``,
+``k' = [k, vec(r~_j r~_j^T)]`` with ``r~ = (m, d)``, and the kernel is called with ``scale = 1 / sqrt(d)``.
+Its logits are then ``q.k / sqrt(d) - lambda_h (d_i . m_j + m_i . d_j)^2`` exactly, and corrlab's probes, which
+intercept the kernel, read the attention the model really computes. ``v`` keeps its ``d`` channels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ShapeError, describe
+
+__all__ = ["GAIN_SCALE", "unit_rays", "reciprocal_product", "EpipolarBiasAttnProcessor"]
+
+#: ``lambda_h = GAIN_SCALE * gain_h``: lets the optimiser reach useful strengths in a few thousand steps.
+GAIN_SCALE = 10.0
+
+
+def unit_rays(rays: torch.Tensor) -> torch.Tensor:
+    """``(..., 6)`` Plücker rays ``(d, m)`` with any ``|d| > 0`` -> the same rays with unit ``d``.
+
+    Dividing both parts by ``|d|`` keeps ``m = o x d``; an average of one camera's rays is such a ray
+    (the moment is linear in the direction).
+    """
+    if rays.shape[-1] != 6:
+        raise ShapeError(f"rays: expected (..., 6) Plücker rays, got {describe(rays)}")
+    return rays / rays[..., :3].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def reciprocal_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(..., N, 6)``, ``(..., M, 6)`` rays -> ``(..., N, M)`` reciprocal products ``d_a . m_b + m_a . d_b``."""
+    return a[..., :3] @ b[..., 3:].transpose(-1, -2) + a[..., 3:] @ b[..., :3].transpose(-1, -2)
+
+
+def _outer(r: torch.Tensor) -> torch.Tensor:
+    return (r[..., :, None] * r[..., None, :]).flatten(-2)
+
+
+class EpipolarBiasAttnProcessor:
+    """Self-attention with the Plücker epipolar bias; called as ``attn(x, rays=(B, S, 6), gain=(heads,))``."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, rays: torch.Tensor | None = None, gain: torch.Tensor | None = None) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ShapeError("EpipolarBiasAttnProcessor: self-attention only (no encoder_hidden_states / attention_mask)")
+        B, S, _ = hidden_states.shape
+        heads = attn.heads
+        if rays is None or tuple(rays.shape) != (B, S, 6):
+            raise ShapeError(f"rays: expected ({B}, {S}, 6) unit Plücker rays of the tokens, got {describe(rays)}")
+        if gain is None or tuple(gain.shape) != (heads,):
+            raise ShapeError(f"gain: expected ({heads},) per-head gains, got {describe(gain)}")
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // heads
+        query = query.view(B, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(B, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(B, -1, heads, head_dim).transpose(1, 2)
+        r = rays.to(query.dtype)
+        swapped = torch.cat([r[..., 3:], r[..., :3]], dim=-1)
+        lam = (GAIN_SCALE * gain).to(query.dtype)[None, :, None, None]
+        query = torch.cat([query, -lam * math.sqrt(head_dim) * _outer(r)[:, None].expand(B, heads, S, 36)], dim=-1)
+        key = torch.cat([key, _outer(swapped)[:, None].expand(B, heads, S, 36)], dim=-1)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False,
+                                             scale=1.0 / math.sqrt(head_dim))
+        out = out.transpose(1, 2).reshape(B, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
