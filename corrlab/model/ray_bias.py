@@ -4,7 +4,7 @@ Two rays ``r_i = (d_i, m_i)`` and ``r_j = (d_j, m_j)`` (unit direction, moment `
 parallel, exactly when their reciprocal product ``d_i . m_j + m_i . d_j`` is zero: token ``j`` of another view
 lies on token ``i``'s epipolar line. Tokens of the same view share a centre, so their product is always zero.
 The bias subtracts ``lambda_h * (d_i . m_j + m_i . d_j)^2`` from every attention logit of head ``h``, a soft
-epipolar constraint whose strength ``lambda_h = 10 * gain_h`` each head learns (``gain`` starts at zero: a model
+epipolar constraint whose strength ``lambda_h = 100 * gain_h`` each head learns (``gain`` starts at zero: a model
 with the option and zero gains computes the same function as without it, up to float rounding).
 
 The square of a bilinear form is bilinear in outer products, ``(a . b)^2 = vec(a a^T) . vec(b b^T)``, so the
@@ -25,7 +25,7 @@ from ..errors import ShapeError, describe
 __all__ = ["GAIN_SCALE", "unit_rays", "reciprocal_product", "EpipolarBiasAttnProcessor"]
 
 #: ``lambda_h = GAIN_SCALE * gain_h``: lets the optimiser reach useful strengths in a few thousand steps.
-GAIN_SCALE = 10.0
+GAIN_SCALE = 100.0
 
 
 def unit_rays(rays: torch.Tensor) -> torch.Tensor:
