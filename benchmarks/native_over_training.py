@@ -41,7 +41,7 @@ def load_checkpoint(path: Path):
     if info.is_file():
         step = int(json.loads(info.read_text())["step"])
     else:
-        m = re.search(r"step_(\d+)", path.name)
+        m = re.search(r"step_(\d+)", str(path))  # RUN/ema/step_X or RUN/checkpoints/step_X/{model,ema}
         step = int(m.group(1)) if m else -1
     return model, step
 
@@ -78,18 +78,19 @@ def main(argv=None) -> int:
     cells = df.grid.map(lambda g: int(g.split("x")[0]) * int(g.split("x")[1]))
     fine = df[cells == cells.max()]
     rows, key = [], {"n_native": args.n_native, "t": args.t}
-    for step, g in fine.groupby("step", sort=True):
+    for (step, checkpoint), g in fine.groupby(["step", "checkpoint"], sort=True):
         sel = g[(g.split == "selection") & (g.method == "native")]
         best = sel.loc[sel["share"].idxmax(), "layer"]
         ev = g[(g.split == "evaluation") & (g.layer == best)].set_index("method")
-        row = {"step": step, "best layer (selection)": best, "native far (evaluation)": ev.loc["native", "share"],
+        row = {"step": step, "weights": Path(checkpoint).name, "best layer (selection)": best, "native far (evaluation)": ev.loc["native", "share"],
                "queries": int(ev.loc["native", "n"])}
         for layer in sorted(g.layer.unique()):
             row[f"{layer} (evaluation)"] = float(g[(g.split == "evaluation") & (g.layer == layer) & (g.method == "native")]["share"].iloc[0])
         for method in ("camera geometry only", "appearance NN (noisy input)", "epipolar + appearance NN (noisy input)"):
             row[method] = ev.loc[method, "share"]
         rows.append(row)
-        key[f"far_step{step}"] = round(float(row["native far (evaluation)"]), 4)
+        name = f"far_step{step}" if f"far_step{step}" not in key else f"far_step{step}_{Path(checkpoint).name}"
+        key[name] = round(float(row["native far (evaluation)"]), 4)
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
     print(f"native far-moving hits within 1 token, t = {args.t}, finest-grid layers; best layer chosen on "
