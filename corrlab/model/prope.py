@@ -27,24 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError, describe
+from .attention_heads import merge_heads, project_heads, require_self_attention
+from .rays import token_centres
 
 __all__ = ["projective_matrices_from_rays", "apply_projective", "PRoPEAttnProcessor"]
 
 
-def _normalised_pixel_grid(height: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """``(H*W, 3)`` homogeneous pixel centres mapped to ``[-1, 1]`` (pixel ``(x, y)``, centre of the
-    top-left pixel at ``(0, 0)``; ``x_n = (2x + 1) / W - 1``)."""
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=dtype, device=device), torch.arange(width, dtype=dtype, device=device), indexing="ij"
-    )
-    xn = (2 * xs + 1) / width - 1
-    yn = (2 * ys + 1) / height - 1
-    return torch.stack([xn, yn, torch.ones_like(xn)], dim=-1).reshape(-1, 3)
-
-
 def normalisation_matrix(height: int, width: int, dtype=torch.float64) -> torch.Tensor:
     """``(3, 3)`` matrix ``N`` taking homogeneous pixels to the normalised coordinates of
-    :func:`projective_matrices_from_rays`."""
+    :func:`projective_matrices_from_rays`: pixel centres span ``[-1, 1]`` (``x_n = (2x + 1) / W - 1``, centre of
+    the top-left pixel at ``(0, 0)``)."""
     return torch.tensor(
         [[2.0 / width, 0.0, 1.0 / width - 1.0], [0.0, 2.0 / height, 1.0 / height - 1.0], [0.0, 0.0, 1.0]], dtype=dtype
     )
@@ -82,7 +74,8 @@ def projective_matrices_from_rays(rays: torch.Tensor) -> torch.Tensor:
     rhs = -torch.einsum("npji,npj->ni", dx, m)
     o = torch.linalg.solve(lhs, rhs)  # (N, 3)
     # A: u x (A d) = 0 for the normalised pixel u = (x, y, 1) -> smallest eigenvector of M^T M
-    u = _normalised_pixel_grid(height, width, torch.float64, rays.device)  # (P, 3)
+    pix = token_centres(height, width, 1).to(rays.device)  # (P, 2) pixel centres, row-major
+    u = torch.cat([pix, torch.ones_like(pix[:, :1])], dim=1) @ normalisation_matrix(height, width).to(rays.device).T
     x, y = u[:, 0][None, :, None], u[:, 1][None, :, None]
     z = torch.zeros_like(d)
     row1 = torch.cat([z, -d, y * d], dim=-1)  # y (a3.d) - (a2.d) = 0
@@ -132,8 +125,7 @@ class PRoPEAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, cameras: torch.Tensor | None = None, views: int | None = None) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ShapeError("PRoPEAttnProcessor: self-attention only (no encoder_hidden_states / attention_mask)")
+        require_self_attention("PRoPEAttnProcessor", encoder_hidden_states, attention_mask)
         if cameras is None or views is None:
             raise ShapeError("cameras: PRoPEAttnProcessor needs cameras=(B, V, 4, 4) and views=V, got None")
         B, S, _ = hidden_states.shape
@@ -141,18 +133,10 @@ class PRoPEAttnProcessor:
             raise ShapeError(
                 f"cameras: expected ({B}, {views}, 4, 4) for {S} tokens in {views} views, got {describe(cameras)}"
             )
-        heads = attn.heads
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // heads
-        query = query.view(B, -1, heads, head_dim).transpose(1, 2)
-        key = key.view(B, -1, heads, head_dim).transpose(1, 2)
-        value = value.view(B, -1, heads, head_dim).transpose(1, 2)
+        query, key, value = project_heads(attn, hidden_states)
         inv = torch.linalg.inv(cameras)
         query = apply_projective(query, cameras.transpose(-1, -2), views, self.blocks)
         key = apply_projective(key, inv, views, self.blocks)
         value = apply_projective(value, inv, views, self.blocks)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = apply_projective(out, cameras, views, self.blocks)
-        out = out.transpose(1, 2).reshape(B, -1, heads * head_dim).to(query.dtype)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return merge_heads(attn, apply_projective(out, cameras, views, self.blocks))

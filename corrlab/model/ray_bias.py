@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError, describe
+from .attention_heads import merge_heads, project_heads, require_self_attention
 
 __all__ = ["GAIN_SCALE", "unit_rays", "reciprocal_product", "EpipolarBiasAttnProcessor"]
 
@@ -53,19 +54,15 @@ class EpipolarBiasAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, rays: torch.Tensor | None = None, gain: torch.Tensor | None = None) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ShapeError("EpipolarBiasAttnProcessor: self-attention only (no encoder_hidden_states / attention_mask)")
+        require_self_attention("EpipolarBiasAttnProcessor", encoder_hidden_states, attention_mask)
         B, S, _ = hidden_states.shape
         heads = attn.heads
         if rays is None or tuple(rays.shape) != (B, S, 6):
             raise ShapeError(f"rays: expected ({B}, {S}, 6) unit Plücker rays of the tokens, got {describe(rays)}")
         if gain is None or tuple(gain.shape) != (heads,):
             raise ShapeError(f"gain: expected ({heads},) per-head gains, got {describe(gain)}")
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // heads
-        query = query.view(B, -1, heads, head_dim).transpose(1, 2)
-        key = key.view(B, -1, heads, head_dim).transpose(1, 2)
-        value = value.view(B, -1, heads, head_dim).transpose(1, 2)
+        query, key, value = project_heads(attn, hidden_states)
+        head_dim = query.shape[-1]
         r = rays.to(query.dtype)
         swapped = torch.cat([r[..., 3:], r[..., :3]], dim=-1)
         lam = (GAIN_SCALE * gain).to(query.dtype)[None, :, None, None]
@@ -73,6 +70,4 @@ class EpipolarBiasAttnProcessor:
         key = torch.cat([key, _outer(swapped)[:, None].expand(B, heads, S, 36)], dim=-1)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False,
                                              scale=1.0 / math.sqrt(head_dim))
-        out = out.transpose(1, 2).reshape(B, -1, heads * head_dim).to(query.dtype)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return merge_heads(attn, out)
