@@ -38,6 +38,7 @@ __all__ = [
     "hits",
     "chance_rate",
     "geometry_guess",
+    "patch_costs",
     "appearance_nn",
     "epipolar_appearance_nn",
 ]
@@ -103,10 +104,11 @@ def pixel_to_index(pix: torch.Tensor, patch_size: int, h: int, w: int) -> torch.
     return pixel_to_token(pix, (h, w), (h * patch_size, w * patch_size))
 
 
-def appearance_nn(images: torch.Tensor, src: int, dst: int, patch_size: int) -> torch.Tensor:
-    """Nearest neighbour of each source token's patch among the destination's patches (L2 on pixels).
+def patch_costs(images: torch.Tensor, src: int, dst: int, patch_size: int) -> torch.Tensor:
+    """L2 distance between every source token's pixel patch and every destination token's.
 
-    ``images (V, 3, H, W)`` -> ``(h*w,)`` destination token indices for every source token.
+    ``images (V, 3, H, W)`` -> ``(h*w, h*w)`` float64, rows the source tokens, columns the destination's
+    (row-major).
     """
     p = patch_size
 
@@ -114,7 +116,15 @@ def appearance_nn(images: torch.Tensor, src: int, dst: int, patch_size: int) -> 
         c, H, W = img.shape
         return img.reshape(c, H // p, p, W // p, p).permute(1, 3, 0, 2, 4).reshape((H // p) * (W // p), -1)
 
-    return torch.cdist(patches(images[src].double()), patches(images[dst].double())).argmin(dim=1)
+    return torch.cdist(patches(images[src].double()), patches(images[dst].double()))
+
+
+def appearance_nn(images: torch.Tensor, src: int, dst: int, patch_size: int) -> torch.Tensor:
+    """Nearest neighbour of each source token's patch among the destination's patches (L2 on pixels).
+
+    ``images (V, 3, H, W)`` -> ``(h*w,)`` destination token indices for every source token.
+    """
+    return patch_costs(images, src, dst, patch_size).argmin(dim=1)
 
 
 def epipolar_appearance_nn(images: torch.Tensor, cameras, src: int, dst: int, patch_size: int) -> torch.Tensor:
@@ -130,12 +140,7 @@ def epipolar_appearance_nn(images: torch.Tensor, cameras, src: int, dst: int, pa
     lines = epipolar_lines(centres, fundamental_matrix(cameras[src], cameras[dst]))  # (h*w, 3) in dst
     dist = (lines[:, None, :2] * centres[None]).sum(-1).add(lines[:, None, 2]).abs()  # (src tokens, dst tokens)
     band = torch.nan_to_num(dist, nan=float("inf")) <= p
-
-    def patches(img):
-        c = img.shape[0]
-        return img.reshape(c, H // p, p, W // p, p).permute(1, 3, 0, 2, 4).reshape((H // p) * (W // p), -1)
-
-    cost = torch.cdist(patches(images[src].double()), patches(images[dst].double()))
+    cost = patch_costs(images, src, dst, p)
     restricted = torch.where(band, cost, torch.full_like(cost, float("inf")))
     return torch.where(band.any(dim=1), restricted.argmin(dim=1), cost.argmin(dim=1))
 
