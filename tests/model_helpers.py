@@ -37,3 +37,17 @@ def probe_unet_bit_identical(m, x, t, pe, rays):
         after = m(x, t, pe, rays)
     assert torch.equal(before, during) and torch.equal(before, after)
     return rec
+
+
+class KernelCapture:
+    """A probing observer (``corrlab.probing.interception``) that keeps clones of the last kernel call's
+    ``q`` and ``k`` and its softmax ``scale`` in ``self.seen``, and runs the kernel unchanged."""
+
+    structural = False
+
+    def __init__(self):
+        self.seen: dict = {}
+
+    def __call__(self, call, q, k, v, proceed):
+        self.seen.update(q=q.clone(), k=k.clone(), scale=call.scale)
+        return proceed(q, k, v)

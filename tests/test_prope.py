@@ -17,7 +17,7 @@ from corrlab.model.prope import (
 )
 from corrlab.probing.interception import intercepting
 from corrlab.scenes import sample_cameras
-from model_helpers import perturbed, probe_unet_bit_identical, random_inputs
+from model_helpers import KernelCapture, perturbed, probe_unet_bit_identical, random_inputs
 
 TINY_PROPE = dict(sample_size=16, channels=[8, 16], attention_levels=[0, 1], stem=2, num_heads=1, prompt_dim=8,
                   ray_freqs=2, relative_encoding="prope")
@@ -101,19 +101,13 @@ def test_probe_reads_the_transformed_queries_and_keys_and_leaves_the_model_bit_i
     m = tiny_prope()
     x, t, rays = random_inputs(1, 2, 16, 2, patch_size=1)
     pe = m.encode_prompt(["blue dotted sphere"])
-    seen = {}
-
-    class Capture:
-        structural = False
-
-        def __call__(self, call, q, k, v, proceed):
-            seen["q"], seen["k"] = q.clone(), k.clone()
-            return proceed(q, k, v)
+    capture = KernelCapture()
+    seen = capture.seen
 
     attn = m.blocks[0].attn
     D = projective_matrices_from_rays(rays.reshape(2, 6, 16, 16)).reshape(1, 2, 4, 4)
     a = torch.randn(1, 2 * 64, 8)
-    with torch.no_grad(), intercepting(attn, Capture()):
+    with torch.no_grad(), intercepting(attn, capture):
         attn(a, cameras=D, views=2)
         q = attn.to_q(a).reshape(1, -1, 1, 8).transpose(1, 2)
     torch.testing.assert_close(seen["q"], apply_projective(q, D.transpose(-1, -2), 2, 1))

@@ -17,7 +17,7 @@ from corrlab.model.rays import token_centres
 from corrlab.model.train import TrainConfig, Trainer
 from corrlab.probing.interception import intercepting
 from corrlab.scenes import render_scene
-from model_helpers import perturbed, probe_unet_bit_identical, random_inputs
+from model_helpers import KernelCapture, perturbed, probe_unet_bit_identical, random_inputs
 
 TINY = dict(sample_size=16, channels=[8, 16], attention_levels=[0, 1], stem=2, num_heads=2, prompt_dim=8, ray_freqs=2)
 
@@ -50,16 +50,10 @@ def test_processor_logits_are_the_scaled_dot_product_minus_the_epipolar_penalty(
     x = torch.randn(1, 10, 16)
     rays = unit_rays(torch.randn(1, 10, 6))
     gain = torch.tensor([0.0, 0.3])
-    seen = {}
+    capture = KernelCapture()
+    seen = capture.seen
 
-    class Capture:
-        structural = False
-
-        def __call__(self, call, q, k, v, proceed):
-            seen.update(q=q.clone(), k=k.clone(), scale=call.scale)
-            return proceed(q, k, v)
-
-    with torch.no_grad(), intercepting(attn, Capture()):
+    with torch.no_grad(), intercepting(attn, capture):
         out = attn(x, rays=rays, gain=gain)
         q = attn.to_q(x).view(1, 10, 2, 8).transpose(1, 2)
         k = attn.to_k(x).view(1, 10, 2, 8).transpose(1, 2)
