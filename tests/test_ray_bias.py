@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from corrlab.errors import CorrlabError, ShapeError
+from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
 from corrlab.geometry.correspondences import ground_truth_match_for
 from corrlab.model import CorrlabPipeline, MultiViewUNet, plucker_ray_embeds
-from corrlab.model.ray_bias import GAIN_SCALE, EpipolarBiasAttnProcessor, reciprocal_product, unit_rays
+from corrlab.model.ray_bias import EpipolarBiasAttnProcessor, reciprocal_product, unit_rays
 from corrlab.model.rays import token_centres
 from corrlab.model.train import TrainConfig, Trainer
 from corrlab.probing.interception import intercepting
@@ -49,25 +49,25 @@ def test_processor_logits_are_the_scaled_dot_product_minus_the_epipolar_penalty(
     attn = Attention(query_dim=16, heads=2, dim_head=8, processor=EpipolarBiasAttnProcessor())
     x = torch.randn(1, 10, 16)
     rays = unit_rays(torch.randn(1, 10, 6))
-    gain = torch.tensor([0.0, 0.3])
+    strength = torch.tensor([0.0, 30.0])
     capture = KernelCapture()
     seen = capture.seen
 
     with torch.no_grad(), intercepting(attn, capture):
-        out = attn(x, rays=rays, gain=gain)
+        out = attn(x, rays=rays, strength=strength)
         q = attn.to_q(x).view(1, 10, 2, 8).transpose(1, 2)
         k = attn.to_k(x).view(1, 10, 2, 8).transpose(1, 2)
         v = attn.to_v(x).view(1, 10, 2, 8).transpose(1, 2)
     logits = seen["q"] @ seen["k"].transpose(-1, -2) * seen["scale"]
-    penalty = GAIN_SCALE * gain[None, :, None, None] * reciprocal_product(rays, rays)[:, None] ** 2
+    penalty = strength[None, :, None, None] * reciprocal_product(rays, rays)[:, None] ** 2
     expected = q @ k.transpose(-1, -2) / math.sqrt(8) - penalty
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)  # float32, two factorisations of one sum
     ref = attn.to_out[0]((torch.softmax(expected, -1) @ v).transpose(1, 2).reshape(1, 10, 16))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ShapeError, match="gain"):
-        attn(x, rays=rays, gain=torch.zeros(3))
+    with pytest.raises(ShapeError, match="strength"):
+        attn(x, rays=rays, strength=torch.zeros(3))
     with pytest.raises(ShapeError, match="rays"):
-        attn(x, rays=rays[:, :5], gain=gain)
+        attn(x, rays=rays[:, :5], strength=strength)
 
 
 def test_zero_gains_keep_the_function_and_gains_change_it():
@@ -84,6 +84,13 @@ def test_zero_gains_keep_the_function_and_gains_change_it():
         for b in epi.blocks:
             b.epipolar_gain.fill_(0.5)
         assert not torch.allclose(epi(x, t, pe, rays), plain(x, t, pe, rays), atol=1e-3)
+        slow = tiny(epipolar_bias=True, epipolar_gain_scale=10.0)
+        slow.load_state_dict(epi.state_dict())
+        for b in slow.blocks:
+            b.epipolar_gain.fill_(0.5 * epi.config.epipolar_gain_scale / 10.0)  # the same strengths
+        torch.testing.assert_close(slow(x, t, pe, rays), epi(x, t, pe, rays), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueRangeError, match="epipolar_gain_scale"):
+        MultiViewUNet(**TINY, epipolar_bias=True, epipolar_gain_scale=0)
     with pytest.raises(ShapeError, match="epipolar_bias"):
         MultiViewUNet(**TINY, epipolar_bias=True, relative_encoding="prope")
 

@@ -28,7 +28,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..errors import ShapeError, check_shape, describe
+from ..errors import ShapeError, ValueRangeError, check_shape, describe
 from .dit import ray_fourier_features, scene_vocabulary, timestep_features, timestep_vector
 from .prompt import PromptEncoder
 from .prope import PRoPEAttnProcessor, projective_matrices_from_rays
@@ -74,7 +74,8 @@ class MultiViewAttentionBlock(nn.Module):
     normalised tokens before q/k/v.
     """
 
-    def __init__(self, dim: int, num_heads: int, ray_freqs: int, prope_blocks: int = 0, epipolar_bias: bool = False):
+    def __init__(self, dim: int, num_heads: int, ray_freqs: int, prope_blocks: int = 0, epipolar_bias: bool = False,
+                 epipolar_gain_scale: float = 1.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.ray_embed = nn.Sequential(nn.Linear(6 + 12 * ray_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -82,6 +83,7 @@ class MultiViewAttentionBlock(nn.Module):
         if epipolar_bias:
             processor = EpipolarBiasAttnProcessor()
             self.epipolar_gain = nn.Parameter(torch.zeros(num_heads))
+            self.epipolar_gain_scale = float(epipolar_gain_scale)
         else:
             processor = PRoPEAttnProcessor(self.prope_blocks) if self.prope_blocks else AttnProcessor2_0()
             self.epipolar_gain = None
@@ -100,7 +102,7 @@ class MultiViewAttentionBlock(nn.Module):
         r = rays.permute(0, 2, 3, 1).reshape(B, views * h * w, 6)
         a = self.norm1(tok) + self.ray_embed(ray_fourier_features(r, self.ray_freqs))
         if self.epipolar_gain is not None:
-            tok = tok + self.attn(a, rays=unit_rays(r), gain=self.epipolar_gain)
+            tok = tok + self.attn(a, rays=unit_rays(r), strength=self.epipolar_gain_scale * self.epipolar_gain)
         elif self.prope_blocks:
             tok = tok + self.attn(a, cameras=cameras, views=views)
         else:
@@ -121,7 +123,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
     ``ray_freqs``, ``scene_scale``, ``vocabulary``, ``stem`` (pixel-unshuffle factor of the input: level 0
     runs at ``H / stem``), ``relative_encoding`` ("none", or "prope": half of every head's channels carry the
     relative projective camera encoding of :mod:`corrlab.model.prope`), ``epipolar_bias`` (a learned per-head
-    penalty on attention between tokens off each other's epipolar lines, :mod:`corrlab.model.ray_bias`); ``patch_size`` is 1 (rays are per pixel) and exists so
+    penalty on attention between tokens off each other's epipolar lines, :mod:`corrlab.model.ray_bias`),
+    ``epipolar_gain_scale`` (its strength is ``epipolar_gain_scale * gain``, ``gain`` learned from 0: sets how fast
+    Adam can grow it); ``patch_size`` is 1 (rays are per pixel) and exists so
     that the pipeline and the probes read this model like :class:`MultiViewDiT`.
     Attention layers, in forward order: encoder levels (coarsening), the middle, decoder levels (refining);
     ``attention_grids(H, W)`` gives each one's token grid.
@@ -147,12 +151,15 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         stem: int = 1,
         relative_encoding: str = "none",
         epipolar_bias: bool = False,
+        epipolar_gain_scale: float = 1000.0,
     ):
         super().__init__()
         if relative_encoding not in ("none", "prope"):
             raise ShapeError(f"relative_encoding: expected 'none' or 'prope', got {relative_encoding!r}")
         if epipolar_bias and relative_encoding != "none":
             raise ShapeError(f"epipolar_bias: not combined with relative_encoding={relative_encoding!r}; expected 'none'")
+        if not (isinstance(epipolar_gain_scale, (int, float)) and epipolar_gain_scale > 0):
+            raise ValueRangeError(f"epipolar_gain_scale: expected a positive number, got {epipolar_gain_scale!r}")
         if vocabulary is None:
             vocabulary = scene_vocabulary()
         self.register_to_config(vocabulary=list(vocabulary), channels=list(channels), attention_levels=list(attention_levels))
@@ -190,7 +197,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             return (dim // num_heads) // 8 if relative_encoding == "prope" else 0
 
         self.blocks = nn.ModuleList(
-            [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv]), bool(epipolar_bias))
+            [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv]), bool(epipolar_bias),
+                                     epipolar_gain_scale)
              for _, lv in plan]
         )
         self.norm_out = nn.GroupNorm(_groups(chans[0]), chans[0])
