@@ -121,3 +121,16 @@ def test_init_from_shipped_weights_without_the_option_starts_the_gains_at_zero(t
     CorrlabPipeline(tiny(channels=[8, 8])).save_pretrained(other)
     with pytest.raises(CorrlabError, match="does not match the run's model"):
         Trainer(cfg, tmp_path / "run2").init_from(other)
+
+
+def test_consistency_training_refuses_attention_ce_on_an_epipolar_bias_base(tmp_path, capsys):
+    """attention-ce scores q.k from to_q / to_k, without the bias the kernel adds: refused, naming the option."""
+    from corrlab.cli import main as cli_main
+
+    base = tmp_path / "base"
+    CorrlabPipeline(tiny(epipolar_bias=True)).save_pretrained(base)
+    common = ["train-consistency", "--base", str(base), "--sets-per-step", "1", "--rank", "2", "--steps", "1",
+              "--no-progress"]
+    assert cli_main([*common, "--loss", "attention-ce", "--out", str(tmp_path / "ce")]) != 0
+    assert "epipolar_bias=True" in capsys.readouterr().err
+    assert not (tmp_path / "ce" / "lora").exists()
