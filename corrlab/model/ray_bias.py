@@ -12,11 +12,14 @@ Magnitudes (renderer's "train" layout, 16 x 16 tokens at 64 px, ``scene_scale`` 
 between a token and its true match, 0.1 one token off it and 0.5 for an arbitrary token of the other view, so a
 head separates the match from its neighbours only once ``lambda`` is in the hundreds.
 
-The square of a bilinear form is bilinear in outer products, ``(a . b)^2 = vec(a a^T) . vec(b b^T)``, so the
-bias travels as 36 extra channels of q and k: ``q' = [q, -lambda_h sqrt(d) vec(r_i r_i^T)]``,
-``k' = [k, vec(r~_j r~_j^T)]`` with ``r~ = (m, d)``, and the kernel is called with ``scale = 1 / sqrt(d)``.
-Its logits are then ``q.k / sqrt(d) - lambda_h (d_i . m_j + m_i . d_j)^2`` exactly, and corrlab's probes, which
-intercept the kernel, read the attention the model really computes. ``v`` keeps its ``d`` channels.
+The square of a bilinear form is bilinear in outer products, ``(a . b)^2 = sum_{k<=l} w_kl (a_k a_l)(b_k b_l)``
+(``w`` 1 on the diagonal, 2 off it: the 21 distinct entries of the symmetric ``a a^T``), so the bias travels as
+21 extra channels of q and k: ``q' = [q, -lambda_h sqrt(d) w * sym(r_i r_i^T)]``, ``k' = [k, sym(r~_j r~_j^T)]``
+with ``r~ = (m, d)``, and the kernel is called with ``scale = 1 / sqrt(d)``. Its logits are then
+``q.k / sqrt(d) - lambda_h (d_i . m_j + m_i . d_j)^2`` exactly, and corrlab's probes, which intercept the kernel,
+read the attention the model really computes. ``v`` gets 21 zero channels, dropped from the output: torch's
+fused CPU kernel needs equal head sizes for q, k and v and otherwise falls back to an unfused path about twice
+as slow as this.
 """
 from __future__ import annotations
 
@@ -48,8 +51,14 @@ def reciprocal_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a[..., :3] @ b[..., 3:].transpose(-1, -2) + a[..., 3:] @ b[..., :3].transpose(-1, -2)
 
 
-def _outer(r: torch.Tensor) -> torch.Tensor:
-    return (r[..., :, None] * r[..., None, :]).flatten(-2)
+_ROWS, _COLS = torch.triu_indices(6, 6)
+_WEIGHTS = torch.where(_ROWS == _COLS, 1.0, 2.0)
+
+
+def _sym_outer(r: torch.Tensor, weighted: bool = False) -> torch.Tensor:
+    """``(..., 6)`` -> ``(..., 21)`` the upper triangle of ``r r^T`` (off-diagonal entries doubled if ``weighted``)."""
+    out = r[..., _ROWS] * r[..., _COLS]
+    return out * _WEIGHTS.to(out) if weighted else out
 
 
 class EpipolarBiasAttnProcessor:
@@ -70,8 +79,10 @@ class EpipolarBiasAttnProcessor:
         r = rays.to(query.dtype)
         swapped = torch.cat([r[..., 3:], r[..., :3]], dim=-1)
         lam = strength.to(query.dtype)[None, :, None, None]
-        query = torch.cat([query, -lam * math.sqrt(head_dim) * _outer(r)[:, None].expand(B, heads, S, 36)], dim=-1)
-        key = torch.cat([key, _outer(swapped)[:, None].expand(B, heads, S, 36)], dim=-1)
+        extra = _ROWS.numel()
+        query = torch.cat([query, -lam * math.sqrt(head_dim) * _sym_outer(r, weighted=True)[:, None].expand(B, heads, S, extra)], dim=-1)
+        key = torch.cat([key, _sym_outer(swapped)[:, None].expand(B, heads, S, extra)], dim=-1)
+        value = torch.cat([value, value.new_zeros(B, heads, S, extra)], dim=-1)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False,
                                              scale=1.0 / math.sqrt(head_dim))
-        return merge_heads(attn, out)
+        return merge_heads(attn, out[..., :head_dim])
