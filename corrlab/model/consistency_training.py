@@ -151,15 +151,14 @@ class ConsistencyTrainer:
             path = resolve_model_path(config.base)
             ck = path / "checkpoint.json"
             base_info = {"base_name": path.name, **({"base_step": json.loads(ck.read_text()).get("step")} if ck.is_file() else {})}
-        if config.loss == "attention-ce":
-            changed = [f"relative_encoding={model.config.relative_encoding!r}"] if getattr(
-                model.config, "relative_encoding", "none") != "none" else []
-            changed += ["epipolar_bias=True"] if getattr(model.config, "epipolar_bias", False) else []
-            if changed:
-                raise CorrlabError(
-                    f"loss: 'attention-ce' reads q and k from to_q / to_k, but a model with {changed[0]} changes the "
-                    "logits inside attention; use loss 'eq14'"
-                )
+        encoding = getattr(model.config, "relative_encoding", "none")
+        changed = (f"relative_encoding={encoding!r}" if encoding != "none"
+                   else "epipolar_bias=True" if getattr(model.config, "epipolar_bias", False) else None)
+        if config.loss == "attention-ce" and changed:
+            raise CorrlabError(
+                f"loss: 'attention-ce' reads q and k from to_q / to_k, but a model with {changed} changes the "
+                "logits inside attention; use loss 'eq14'"
+            )
         self.model = model
         if config.image_size is None:
             config.image_size = int(model.config.sample_size)

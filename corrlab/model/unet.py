@@ -74,13 +74,13 @@ class MultiViewAttentionBlock(nn.Module):
     normalised tokens before q/k/v.
     """
 
-    def __init__(self, dim: int, num_heads: int, ray_freqs: int, prope_blocks: int = 0, epipolar_bias: bool = False,
-                 epipolar_gain_scale: float = 1.0):
+    def __init__(self, dim: int, num_heads: int, ray_freqs: int, prope_blocks: int = 0,
+                 epipolar_gain_scale: float | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.ray_embed = nn.Sequential(nn.Linear(6 + 12 * ray_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.prope_blocks = int(prope_blocks)
-        if epipolar_bias:
+        if epipolar_gain_scale is not None:  # the epipolar bias option, strength = scale * gain
             processor = EpipolarBiasAttnProcessor()
             self.epipolar_gain = nn.Parameter(torch.zeros(num_heads))
             self.epipolar_gain_scale = float(epipolar_gain_scale)
@@ -197,8 +197,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             return (dim // num_heads) // 8 if relative_encoding == "prope" else 0
 
         self.blocks = nn.ModuleList(
-            [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv]), bool(epipolar_bias),
-                                     epipolar_gain_scale)
+            [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv]),
+                                     float(epipolar_gain_scale) if epipolar_bias else None)
              for _, lv in plan]
         )
         self.norm_out = nn.GroupNorm(_groups(chans[0]), chans[0])
