@@ -24,6 +24,7 @@ Also writes a contact sheet (rendered | generated, same prompt and cameras) with
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_quality.py --n-sets 4 --n-native 2 --n-prompt 8   # quick
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_quality.py --out artifacts/model_quality          # full
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_quality.py --layout random --skip b c   # the issue-12 cameras
 
 Ends with one line of key=value pairs.
 """
@@ -57,7 +58,7 @@ from corrlab.model.native import (
 )
 from corrlab.model.sheets import conditioned_sheet, save_png, text_sheet
 from corrlab.model.train import HELD_OUT_SEED_START
-from corrlab.scenes import VOCABULARY, render_scene, sample_cameras
+from corrlab.scenes import LAYOUTS, VOCABULARY, render_scene, sample_cameras
 
 THRESHOLDS = (1.0, 2.0)
 # summary-key stems of the SIFT rows: the renders' gap (rendered - rendered_shuffled) is the most the
@@ -84,12 +85,13 @@ def sift_pair_scores(images: torch.Tensor, cameras, method: str, upsample: int =
     return score_matches(matches, cameras, THRESHOLDS, kind="symmetric", method=method)
 
 
-def consistency(pipe, n_sets: int, steps: int, guidance: float, seed_start: int, upsample: int = 1):
+def consistency(pipe, n_sets: int, steps: int, guidance: float, seed_start: int, upsample: int = 1,
+                layout: str = "train"):
     """Generate ``n_sets`` held-out 4-view sets; returns (tidy scores, generated sets, seconds per set)."""
     frames, generated, rendered, seconds = [], [], [], []
     for i in tqdm(range(n_sets), desc="(a) generate + SIFT"):
         seed = seed_start + i
-        ref = render_scene(seed, 4, pipe.sample_size, "train")
+        ref = render_scene(seed, 4, pipe.sample_size, layout)
         t0 = time.perf_counter()
         gen = pipe(ref.prompt, cameras=ref.cameras, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                    progress=False)
@@ -101,7 +103,7 @@ def consistency(pipe, n_sets: int, steps: int, guidance: float, seed_start: int,
             df["set"] = i
             frames.append(df)
     for i, gen in enumerate(generated):  # floors: generated views and renders under another set's cameras
-        other = rendered[(i + 1) % len(rendered)].cameras if len(rendered) > 1 else sample_cameras(seed_start - 1, 4, pipe.sample_size, "train")
+        other = rendered[(i + 1) % len(rendered)].cameras if len(rendered) > 1 else sample_cameras(seed_start - 1, 4, pipe.sample_size, layout)
         for method, imgs in (("generated, shuffled cameras", gen.images), ("rendered, shuffled cameras", rendered[i].images)):
             df = sift_pair_scores(imgs, other, method, upsample)
             df["set"] = i
@@ -116,14 +118,15 @@ def pool_consistency(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ (b)
-def native_rows(models: dict, n_sets: int, timesteps, far_tokens: float, seed_start: int, size: int, patch: int) -> pd.DataFrame:
+def native_rows(models: dict, n_sets: int, timesteps, far_tokens: float, seed_start: int, size: int, patch: int,
+                layout: str = "train") -> pd.DataFrame:
     """Tidy rows (set, t, method, layer, subset, hits, n) for models and controls on view 0 -> 1."""
     h = w = size // patch
     rows = []
     centres = token_centres(size, size, patch)
     for i in tqdm(range(n_sets), desc="(b) native correspondences"):
         seed = seed_start + 10_000 + i
-        mvs = render_scene(seed, 4, size, "train")
+        mvs = render_scene(seed, 4, size, layout)
         q = token_queries(mvs, 0, 1, patch)
         if len(q.src_idx) == 0:
             continue
@@ -188,11 +191,11 @@ def adherence(pipe, n: int, steps: int, guidance: float, seed_start: int, batch:
 
 # ------------------------------------------------------------------------------------------ (e)
 def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: float, seed_start: int,
-                     sheet: str | None, summary: dict, out: Path | None) -> None:
+                     sheet: str | None, summary: dict, out: Path | None, layout: str = "train") -> None:
     from corrlab.model.conditioned import native_hits, pool_hits, reconstruction
 
     rec, sets = reconstruction(pipe, n_sets=n_sets, views=4, steps=steps, guidance=guidance,
-                               seed_start=seed_start + 30_000, return_sets=True, progress=True)
+                               seed_start=seed_start + 30_000, layout=layout, return_sets=True, progress=True)
     per_scene = rec.groupby(["scene", "method"])[["psnr", "ssim", "iou"]].mean().reset_index()
     print("\n(e) image-conditioned: view 0 given, views 1-3 generated; mean over scenes")
     print(per_scene.groupby("method")[["psnr", "ssim", "iou"]].mean().round(3).to_string())
@@ -222,8 +225,8 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
         key = SIFT_KEYS[r["method"]]
         summary[f"cond_sift_{key}_prec@{r['threshold']:g}px"] = round(float(r["precision"]), 4)
     # native: choose the best layer on selection scenes, report it on separate evaluation scenes
-    sel = pool_hits(native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 40_000, progress=True))
-    ev_rows = native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 50_000, progress=True)
+    sel = pool_hits(native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 40_000, layout=layout, progress=True))
+    ev_rows = native_hits(pipe.model, n_sets=n_native, t=0.5, seed_start=seed_start + 50_000, layout=layout, progress=True)
     ev = pool_hits(ev_rows)
     # the paper's protocol: correspondences of the highest-resolution multi-image layers (a coarse grid makes
     # "within 1 token" a larger pixel radius); among them the best is chosen on the selection scenes
@@ -263,13 +266,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for the tidy CSV tables and summary.json")
     ap.add_argument("--conditioned-sheet", help="(e) write the reference | generated | truth contact sheet PNG here")
     ap.add_argument("--cond-guidance", type=float, default=1.0, help="(e) guidance scale of image-conditioned sampling")
+    ap.add_argument("--layout", default="train", choices=LAYOUTS,
+                    help="camera layout of the held-out scenes (the model trains on 'train')")
     ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "e"], help="parts to skip")
     args = ap.parse_args(argv)
     if args.seed_start < HELD_OUT_SEED_START:
         ap.error(f"--seed-start: expected a held-out seed >= {HELD_OUT_SEED_START}, got {args.seed_start}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     pipe = load_default(args.model)
-    summary: dict = {"steps": args.steps, "guidance": args.guidance, "cond_guidance": args.cond_guidance,
+    summary: dict = {"layout": args.layout, "steps": args.steps, "guidance": args.guidance, "cond_guidance": args.cond_guidance,
                      "sift_upsample": args.sift_upsample}
     out = Path(args.out) if args.out else None
     if out:
@@ -277,7 +282,8 @@ def main(argv=None) -> int:
     pd.set_option("display.width", 200, "display.max_rows", 200)
 
     if "a" not in args.skip:
-        df, generated, rendered, seconds = consistency(pipe, args.n_sets, args.steps, args.guidance, args.seed_start, args.sift_upsample)
+        df, generated, rendered, seconds = consistency(pipe, args.n_sets, args.steps, args.guidance, args.seed_start, args.sift_upsample,
+                                                       args.layout)
         pooled = pool_consistency(df)
         print("\n(a) SIFT multi-view consistency (symmetric epipolar distance, pooled over view pairs)")
         print(pooled.to_string(index=False))
@@ -300,7 +306,8 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         untrained = MultiViewDiT(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
         df = native_rows({"model": pipe.model, "untrained": untrained}, args.n_native, args.timesteps,
-                         args.far_tokens, args.seed_start, pipe.sample_size, pipe.model.config.patch_size)
+                         args.far_tokens, args.seed_start, pipe.sample_size, pipe.model.config.patch_size,
+                         args.layout)
         pooled = pool_native(df)
         print("\n(b) native correspondence: share of view-0 object tokens whose view-1 argmax is within 1 token")
         wide = pooled.pivot_table(index=["method", "layer"], columns=["subset", "t"], values="share", sort=False)
@@ -333,7 +340,7 @@ def main(argv=None) -> int:
 
     if "e" not in args.skip and pipe.supports_reference:
         conditioned_part(pipe, args.n_sets, args.n_native, args.steps, args.cond_guidance, args.seed_start,
-                         args.conditioned_sheet, summary, out)
+                         args.conditioned_sheet, summary, out, args.layout)
 
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -3,7 +3,7 @@
 >>> import corrlab
 >>> pipe = corrlab.load_default()                                   # doctest: +SKIP
 >>> corrlab.probe.layers(pipe)                                      # doctest: +SKIP
->>> with corrlab.probe(pipe, layers=["blocks.5.attn"]) as rec:      # doctest: +SKIP
+>>> with corrlab.probe(pipe, layers=["blocks.4.attn"]) as rec:      # doctest: +SKIP
 ...     mvs = pipe("red striped box", seed=0)
 >>> with corrlab.corr_adapter(pipe, eta=0.1, window_radius=3):      # doctest: +SKIP
 ...     mvs_aligned = pipe("red striped box", seed=0)

@@ -34,20 +34,22 @@ def fast_mode() -> bool:
 def untrained_pipeline(seed: int = 0):
     """A :class:`~corrlab.model.CorrlabPipeline` with a randomly initialised embedded-model architecture.
 
-    The architecture is that of the shipped model (64 px, patch 4, width 128, 6 layers, 4 heads). Its
-    adaLN-zero gates and output layer start at zero (the model would output zero velocity and return
-    the noise), so every all-zero parameter gets small random values from ``seed`` instead: the
-    attention layers then shape the output, which is what the notebooks look at.
+    The architecture is that of the default model ``corrlab-mvunet-s`` (a :class:`~corrlab.model.MultiViewUNet`:
+    64 px, channels 64/96/128, multi-view attention at 16 x 16 and 8 x 8, 4 heads, epipolar attention bias).
+    Its residual output convolutions, output layer and "given" embedding start at zero (the model would output
+    zero velocity and return the noise), so every all-zero parameter gets small random values from ``seed``
+    instead, except the epipolar bias gains: they stay at zero, so untrained attention has no geometric prior.
     """
-    from .model import CorrlabPipeline, MultiViewDiT
+    from .model import CorrlabPipeline, MultiViewUNet
 
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng():
         torch.manual_seed(int(seed))
-        model = MultiViewDiT(sample_size=64, patch_size=4, hidden_size=128, num_layers=6, num_heads=4)
+        model = MultiViewUNet(sample_size=64, channels=(64, 96, 128), attention_levels=(1, 2), stem=2, num_heads=4,
+                              prompt_dim=64, ray_freqs=4, epipolar_bias=True, epipolar_gain_scale=1000.0)
     with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
+        for name, p in model.named_parameters():
+            if not p.any() and not name.endswith("epipolar_gain"):
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     return CorrlabPipeline(model.eval())
 

@@ -232,6 +232,19 @@ def test_shipped_image_conditioned_model_generates_from_a_reference():
     assert mvs.images.shape == truth.images.shape and torch.isfinite(mvs.images).all()
 
 
+def test_the_default_model_is_v2(monkeypatch):
+    """Without --model / $CORRLAB_MODEL every entry point loads the embedded model v2 (a reference-conditioned
+    MultiViewUNet with the epipolar bias), not the v1 DiT."""
+    from corrlab.model import DATA_DIR, DEFAULT_MODEL_NAME, resolve_model_path
+
+    monkeypatch.delenv("CORRLAB_MODEL", raising=False)
+    assert DEFAULT_MODEL_NAME == "corrlab-mvunet-s"
+    path = resolve_model_path()
+    assert path == DATA_DIR / "corrlab-mvunet-s"
+    cfg = json.loads((path / "model" / "config.json").read_text())
+    assert cfg["_class_name"] == "MultiViewUNet" and cfg["epipolar_bias"] is True
+
+
 def test_init_from_shipped_weights_continues_the_step_count(tmp_path):
     from corrlab.model.train import export_pipeline
 

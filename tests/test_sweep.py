@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = {
     "generation": {"prompts": ["red striped box", "blue dotted sphere", "green checkered cylinder"],
                    "seeds": [0, 1], "views": 2, "num_steps": 2, "guidance": 3.0},
-    "probe": {"layers": ["blocks.5.attn"], "heads": "mean"},
+    "probe": {"layers": ["blocks.4.attn"], "heads": "mean"},
     "score": {"thresholds": [2, 5, 10], "controls": ["chance", "identity"]},
     "interventions": [{"name": "none"}, {"name": "corr_adapter", "eta": 0.5, "window_radius": 2}],
 }
@@ -203,7 +203,7 @@ def test_open_sweep_lazy_labelled_dataset_and_tidy_table(local_store):
     assert len(res) == 12 and res.keys == sorted(local_store["handle"].keys)
     ds = res.ds
     assert isinstance(ds["match_x"].data, da.Array)  # lazy
-    assert ds.sizes["item"] == 12 and list(ds["layer"].values) == ["blocks.5.attn"]
+    assert ds.sizes["item"] == 12 and list(ds["layer"].values) == ["blocks.4.attn"]
     assert set(ds["intervention"].values) == {"none", "corr_adapter"}
     assert sorted(set(ds["seed"].values.tolist())) == [0, 1]
     # one item of the lazy dataset equals that item's record file
@@ -230,7 +230,7 @@ def test_dashboard_opens_a_sweep(local_store):
 
     dash = AccuracyDashboard.from_sweep(local_store["out"], intervention="none")
     assert set(dash.table["intervention"]) == {"none"} and dash.table["key"].nunique() == 6
-    assert dash.layer.value == "blocks.5.attn"
+    assert dash.layer.value == "blocks.4.attn"
     with pytest.raises(CorrlabError, match="no rows"):
         AccuracyDashboard.from_sweep(local_store["out"], prompt="purple cone")
 

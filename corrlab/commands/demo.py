@@ -14,8 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="generated 4-view sets to probe and score (default 4; at least 2: the best (layer, step) "
                    "of one half is scored on the other)")
     p.add_argument("--model", default=None,
-                   help="model folder or name under data/ (default: corrlab-mvunet-s, image-conditioned; with "
-                   "--text-only the default embedded model)")
+                   help="model folder or name under data/ (default: the embedded model, corrlab-mvunet-s, or "
+                   "$CORRLAB_MODEL)")
     p.add_argument("--reference-views", type=int, nargs="+", default=[0], metavar="V",
                    help="views of each held-out rendered scene given as clean references, the others generated under "
                    "the scene's cameras (image-conditioned, the paper's main setting; default: 0)")
@@ -52,16 +52,16 @@ def run(args) -> int:
 
     from ..evaluation import comparison_from_scores, score_sets
     from ..io_utils import atomic_write_bytes
-    from ..model import load_default
+    from ..model import load_default, resolve_model_path
     from ..plotting import comparison_figure, figure_to_png
     from ..probing import probe_generations
 
     given = [] if args.text_only else sorted(set(args.reference_views))
-    model = args.model if (args.model or args.text_only) else "corrlab-mvunet-s"
+    model = args.model
     setting = (f"image-conditioned (views {given} of each rendered scene given, the others generated)" if given
                else "text-only")
     print(f"\n[2/2] probe-and-score: {args.sets} generated 4-view sets of the embedded model "
-          f"({model or 'default'}), {setting}; native "
+          f"({resolve_model_path(model).name}), {setting}; native "
           f"correspondences (all multi-image layers, all steps) vs controls and baselines on the same images.\n"
           f"native-held-out: each set scored at the best (layer, step) of the other sets (alternate halves); "
           f"native-best-in-sample is chosen and scored on the same sets (optimistic)")

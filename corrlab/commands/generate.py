@@ -11,7 +11,7 @@ def register(subparsers) -> None:
         "generate",
         help="generate a multi-view set with the embedded model",
         description="Sample a multi-view set (views as PNG, cameras.json with the conditioning cameras, "
-        "prompt, seed) with the embedded MultiViewDiT. Without --cameras the cameras follow the "
+        "prompt, seed) with the embedded model (corrlab-mvunet-s unless --model). Without --cameras the cameras follow the "
         "renderer's training layout for --seed.",
     )
     add_generation_arguments(p, steps_flag="--steps")

@@ -181,7 +181,8 @@ class CorrAdapterConfig:
         layers: names of the layers to adapt; None (default) = :func:`default_adapter_layers`: the finest-level
             multi-image layers of the decoder (a UNet's ``up_blocks`` at the highest resolution: SyncDreamer's
             output blocks 9-11, MV-Adapter's ``up_blocks.1``), and where every layer shares one grid
-            (the embedded model, Wan, Flux) the last of them (``blocks.5.attn`` of the 6-block embedded model).
+            (the v1 embedded DiT, Wan, Flux) the last of them (``blocks.5.attn`` of the 6-block DiT). The embedded
+            UNet ``corrlab-mvunet-s`` names no decoder, so both its 16 x 16 layers: ``blocks.0.attn``, ``blocks.4.attn``.
         active_steps: adapt only the first K steps; None = every step; ``"auto"`` (default) = the paper's rule,
             :func:`paper_schedule` (every step when image-conditioned, else 10, or 15 for video).
         refresh_every: recompute the matches every n steps (steps 0, n, 2n, ...) and reuse them in between;

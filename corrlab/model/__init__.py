@@ -1,4 +1,8 @@
-"""corrlab's embedded model: a small multi-view rectified-flow DiT trained on corrlab's own scenes.
+"""corrlab's embedded model: a small multi-view rectified-flow model trained on corrlab's own scenes.
+
+The default, ``corrlab-mvunet-s`` (the embedded model v2), is a :class:`MultiViewUNet` with a learned epipolar
+attention bias; it generates text-only or from given reference views. ``corrlab-mvdit-s`` (v1, a
+:class:`MultiViewDiT`, text-only) stays in ``data/`` by name.
 
 >>> from corrlab.model import load_default                         # doctest: +SKIP
 >>> pipe = load_default()                                           # doctest: +SKIP
@@ -39,7 +43,7 @@ __all__ = [
 ]
 
 #: Folder name of the shipped weights under ``data/``.
-DEFAULT_MODEL_NAME = "corrlab-mvdit-s"
+DEFAULT_MODEL_NAME = "corrlab-mvunet-s"
 #: ``data/`` of the corrlab repository (next to the ``corrlab`` package).
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 

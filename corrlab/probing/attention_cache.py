@@ -4,10 +4,10 @@ The TransformerLens ``ActivationCache`` is the model: values keyed by stable hoo
 points are the multi-image attention layers' stable names (:func:`corrlab.probing.taps.list_layers`), the
 hooks are ``hook_q`` and ``hook_k`` and a key carries the step of the taps' step clock::
 
-    with cache_attention(pipe, ["blocks.5.attn"], steps=[0, 9]) as cache:
+    with cache_attention(pipe, ["blocks.4.attn"], steps=[0, 9]) as cache:
         mvs = pipe("red box", seed=0, num_inference_steps=10)
-    cache["blocks.5.attn.hook_k", 9]        # (V, heads, h*w, d), image tokens, one batch entry
-    cache.layout("blocks.5.attn", 9)        # TokenLayout: grid, image size, row-wise or not
+    cache["blocks.4.attn.hook_k", 9]        # (V, heads, h*w, d), image tokens, one batch entry
+    cache.layout("blocks.4.attn", 9)        # TokenLayout: grid, image size, row-wise or not
 
 It reads attention only through :class:`corrlab.probing.taps.AttentionTaps`, so it works for every model
 family the taps support (the embedded models, Wan, UNets and Flux under extended attention), and it uses

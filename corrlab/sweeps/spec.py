@@ -4,7 +4,7 @@ Why TOML: ``tomllib`` is in the standard library (3.11; ``tomli`` on 3.10), its 
 (``no`` stays a string, ``1e-3`` a float), and a spec is a small flat table of grids. Layout::
 
     [generation]                  # grid axes: a scalar is one value, a list is an axis
-    models    = "corrlab-mvdit-s" # model folder or name under data/ (relative paths: from the spec file)
+    models    = "corrlab-mvunet-s" # model folder or name under data/ (relative paths: from the spec file)
     prompts   = ["red striped box", "blue dotted sphere"]
     seeds     = [0, 1]
     views     = [2, 4]            # cameras drawn from the seed ...
@@ -14,7 +14,7 @@ Why TOML: ``tomllib`` is in the standard library (3.11; ``tomli`` on 3.10), its 
     guidance  = 3.0
 
     [probe]                       # one probe per generation (not an axis)
-    layers = ["blocks.5.attn"]    # default: every multi-image layer
+    layers = ["blocks.4.attn"]    # default: every multi-image layer
     steps  = [0, 3]               # default: every step
     heads  = "mean"               # + the other MatchingOptions fields (similarity, confidence, threshold,
                                   #   window_radius, mutual, strict, history), chunk_size, batch_index
