@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="generated sets (default 24)")
     ap.add_argument("--seed", type=int, default=1_000_000)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--layer", default="blocks.5.attn", help="fixed native layer reported beside the best")
+    ap.add_argument("--layer", default=None,
+                    help="fixed native layer reported beside the best (default: the model's last multi-image layer)")
     ap.add_argument("--step", type=int, default=19, help="fixed native step reported beside the best")
     ap.add_argument("--out", default="artifacts/native_comparison")
     ap.add_argument("--threads", type=int, default=1)
@@ -35,13 +36,14 @@ def main() -> None:
     from corrlab.io_utils import atomic_write_bytes, atomic_write_text
     from corrlab.model import load_default
     from corrlab.plotting import comparison_figure, figure_to_png
-    from corrlab.probing import probe_generations
+    from corrlab.probing import list_layers, probe_generations
 
     out = Path(args.out)
     t0 = time.perf_counter()
     pipe = load_default(args.model)
+    layer = args.layer or list_layers(pipe)[-1].name
     dirs = probe_generations(pipe, range(args.seed, args.seed + args.n), out / "sets")
-    table = comparison_table(dirs, thresholds=tuple(range(1, 11)), layer=args.layer, step=args.step,
+    table = comparison_table(dirs, thresholds=tuple(range(1, 11)), layer=layer, step=args.step,
                              controls=("identity", "chance", "appearance"))
     atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
     atomic_write_bytes(out / "comparison.png", figure_to_png(comparison_figure(table, f"{args.n} generated sets"), dpi=110))

@@ -147,11 +147,15 @@ def feature_distance(pipe: CorrlabPipeline, res_list, prompt_pairs, layer: int, 
             xt = ((1 - t_feat) * x + t_feat * eps).to(pipe.device)
             rays = pipe.ray_embeds(sa.cameras, H)[None].expand(2, -1, -1, -1, -1)
             model(xt, torch.full((2,), t_feat, device=pipe.device), pipe.encode_prompt([pa, pb]), rays)
-            h = captured["h"]  # (2, V*h*w, C)
+            h = captured["h"]  # DiT: (2, V*h*w, C) tokens; UNet: (2*V, C, h, w) feature maps
+            k = p
+            if h.dim() == 4:
+                k = H // h.shape[-1]
+                h = h.reshape(2, V, *h.shape[1:]).permute(0, 1, 3, 4, 2).reshape(2, -1, h.shape[1])
             cos = torch.nn.functional.cosine_similarity(h[0], h[1], dim=-1).cpu()  # (V*h*w,)
             ma, mb = object_masks(sa.images), object_masks(sb.images)
             union = torch.from_numpy(ma | mb).float()[:, None]
-            tok = torch.nn.functional.max_pool2d(union, p).reshape(-1) > 0
+            tok = torch.nn.functional.max_pool2d(union, k).reshape(-1) > 0
             out.append(float((1 - cos[tok]).mean()) if bool(tok.any()) else float("nan"))
     finally:
         hook.remove()
