@@ -342,3 +342,23 @@ def test_epipolar_appearance_nn_picks_the_best_patch_near_the_epipolar_line():
     masked = torch.where(band, cost, torch.full_like(cost, float("inf"))).min(dim=1).values
     has = band.any(dim=1)
     assert torch.equal(cost[rows, pick][has], masked[has])
+
+
+def test_train_config_layout_mix_renders_each_seed_in_its_layout():
+    """``layout`` may list several camera layouts: scene seed s is rendered in layout[s % len(layout)]."""
+    from corrlab.model.train import render_batch
+
+    cfg = TrainConfig.from_dict(dict(layout=["train", "random"]))
+    assert cfg.layout == ("train", "random")
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).layout == cfg.layout  # JSON round trip
+    seeds = [10, 11]
+    x, prompts, rays = render_batch(seeds, 2, 16, cfg.layout, 4, 1.0)
+    for i, s in enumerate(seeds):
+        want = render_scene(s, 2, 16, cfg.layout[s % 2])
+        assert torch.equal(x[i], (want.images * 2.0 - 1.0).float())  # exact: the same rendering twice
+        assert prompts[i] == want.prompt
+    single, _, single_rays = render_batch([11], 2, 16, "train", 4, 1.0)
+    assert not torch.equal(rays[1], single_rays[0])  # seed 11 came from the 'random' layout, not 'train'
+    for bad in (["train", "nope"], [], "nope"):
+        with pytest.raises(CorrlabError, match="layout"):
+            TrainConfig.from_dict(dict(layout=bad))

@@ -90,7 +90,8 @@ class TrainConfig(JsonConfig):
     steps: total optimiser steps (the decay is anchored to it). ema_decay: EMA of the weights (ramped as min(decay, (1+s)/(10+s))).
     t_sampling: "logit_normal" (mean 0, std ``t_std``) or "uniform". cfg_dropout: null-prompt probability.
     seed: seeds scene choice, noise, t, and initialisation. train_seeds: [lo, hi) scene-seed range
-    (must stay below HELD_OUT_SEED_START). layout: the renderer's camera layout.
+    (must stay below HELD_OUT_SEED_START). layout: the renderer's camera layout, or a list of layouts (a mix:
+    scene seed ``s`` is rendered in ``layout[s % len(layout)]``).
     log_every, checkpoint_every, eval_every (0 = off), eval_sets: held-out sets for the
     native-correspondence figure. device: "auto", "cpu" or "cuda". threads: torch CPU threads.
     """
@@ -121,7 +122,7 @@ class TrainConfig(JsonConfig):
     cfg_dropout: float = 0.1
     seed: int = 0
     train_seeds: tuple[int, int] = (0, HELD_OUT_SEED_START)
-    layout: str = "train"
+    layout: str | tuple[str, ...] = "train"
     log_every: int = 10
     checkpoint_every: int = 250
     eval_every: int = 500
@@ -158,6 +159,13 @@ class TrainConfig(JsonConfig):
             raise CorrlabError(f"t_sampling: expected 'logit_normal' or 'uniform', got {self.t_sampling!r}")
         if not 0 <= self.cfg_dropout < 1:
             raise ValueRangeError(f"cfg_dropout: expected a probability in [0, 1), got {self.cfg_dropout!r}")
+        from ..scenes import LAYOUTS
+
+        if not isinstance(self.layout, str):
+            self.layout = tuple(str(x) for x in self.layout)
+        layouts = (self.layout,) if isinstance(self.layout, str) else self.layout
+        if not layouts or any(x not in LAYOUTS for x in layouts):
+            raise CorrlabError(f"layout: expected one of {LAYOUTS} or a non-empty list of them, got {self.layout!r}")
         if self.image_size % int(self.model.get("patch_size", 4)):
             raise CorrlabError(f"image_size: expected a multiple of the patch size, got {self.image_size}")
 
@@ -203,13 +211,17 @@ def sample_given(config: TrainConfig, batch: int, views: int, generator: torch.G
     return order < k[:, None]
 
 
-def render_batch(seeds: Sequence[int], views: int, size: int, layout: str, patch_size: int, scene_scale: float):
-    """Render scenes -> ``(images (B, V, 3, H, W) in [-1, 1], prompts list[str], rays (B, V, 6, h, w))``."""
+def render_batch(seeds: Sequence[int], views: int, size: int, layout: str | Sequence[str], patch_size: int,
+                 scene_scale: float):
+    """Render scenes -> ``(images (B, V, 3, H, W) in [-1, 1], prompts list[str], rays (B, V, 6, h, w))``.
+
+    ``layout``: one camera layout, or several: seed ``s`` is rendered in ``layout[s % len(layout)]``."""
     from ..scenes import render_scene
 
+    layouts = (layout,) if isinstance(layout, str) else tuple(layout)
     imgs, prompts, rays = [], [], []
     for s in seeds:
-        mvs = render_scene(int(s), views, size, layout)
+        mvs = render_scene(int(s), views, size, layouts[int(s) % len(layouts)])
         imgs.append(mvs.images * 2.0 - 1.0)
         prompts.append(mvs.prompt)
         rays.append(plucker_ray_embeds(mvs.cameras, size, patch_size, scene_scale))
