@@ -57,15 +57,15 @@ def run(args) -> int:
     from ..probing import probe_generations
 
     given = [] if args.text_only else sorted(set(args.reference_views))
-    model = args.model
+    model_path = resolve_model_path(args.model)
     setting = (f"image-conditioned (views {given} of each rendered scene given, the others generated)" if given
                else "text-only")
     print(f"\n[2/2] probe-and-score: {args.sets} generated 4-view sets of the embedded model "
-          f"({resolve_model_path(model).name}), {setting}; native "
+          f"({model_path.name}), {setting}; native "
           f"correspondences (all multi-image layers, all steps) vs controls and baselines on the same images.\n"
           f"native-held-out: each set scored at the best (layer, step) of the other sets (alternate halves); "
           f"native-best-in-sample is chosen and scored on the same sets (optimistic)")
-    pipe = load_default(model)
+    pipe = load_default(model_path)
     dirs = probe_generations(pipe, range(args.seed, args.seed + args.sets), out / "generated",
                              num_inference_steps=args.num_steps, reference_views=given)
     scores = score_sets(dirs, thresholds=tuple(range(1, 11)), controls=("identity", "chance", "appearance"))

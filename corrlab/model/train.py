@@ -163,7 +163,7 @@ class TrainConfig(JsonConfig):
 
         if not isinstance(self.layout, str):
             self.layout = tuple(str(x) for x in self.layout)
-        layouts = (self.layout,) if isinstance(self.layout, str) else self.layout
+        layouts = layout_tuple(self.layout)
         if not layouts or any(x not in LAYOUTS for x in layouts):
             raise CorrlabError(f"layout: expected one of {LAYOUTS} or a non-empty list of them, got {self.layout!r}")
         if self.image_size % int(self.model.get("patch_size", 4)):
@@ -211,6 +211,11 @@ def sample_given(config: TrainConfig, batch: int, views: int, generator: torch.G
     return order < k[:, None]
 
 
+def layout_tuple(layout: str | Sequence[str]) -> tuple[str, ...]:
+    """A ``TrainConfig.layout`` (one camera layout or several) as a tuple of layouts."""
+    return (layout,) if isinstance(layout, str) else tuple(layout)
+
+
 def render_batch(seeds: Sequence[int], views: int, size: int, layout: str | Sequence[str], patch_size: int,
                  scene_scale: float):
     """Render scenes -> ``(images (B, V, 3, H, W) in [-1, 1], prompts list[str], rays (B, V, 6, h, w))``.
@@ -218,7 +223,7 @@ def render_batch(seeds: Sequence[int], views: int, size: int, layout: str | Sequ
     ``layout``: one camera layout, or several: seed ``s`` is rendered in ``layout[s % len(layout)]``."""
     from ..scenes import render_scene
 
-    layouts = (layout,) if isinstance(layout, str) else tuple(layout)
+    layouts = layout_tuple(layout)
     imgs, prompts, rays = [], [], []
     for s in seeds:
         mvs = render_scene(int(s), views, size, layouts[int(s) % len(layouts)])
