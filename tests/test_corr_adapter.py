@@ -296,8 +296,10 @@ def random_case(seed: int, heads_matched: int, B=2, V=3, H=2, grid=(3, 4), d=5):
     return q, k, v, index, kept
 
 
+@pytest.mark.parametrize("kernel", ["dense", "gathered"])
 @pytest.mark.parametrize("heads_matched, window, radius, chunk", [(2, "square", 1, 7), (1, "square", 2, 512), (2, "row", 1, 3)])
-def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radius, chunk):
+def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radius, chunk, kernel, monkeypatch):
+    monkeypatch.setattr(ca, "DENSE_WINDOW_MAX_TOKENS", 10**9 if kernel == "dense" else 0)
     q, k, v, index, kept = random_case(heads_matched + radius, heads_matched)
     scale = 1 / math.sqrt(q.shape[-1])
     options = AggregationOptions(radius=radius, eta=0.3, window=window, chunk_size=chunk)
@@ -322,6 +324,31 @@ def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radi
         same = corr_adapted_output(target, att, options, inplace=True)
         assert same is target
         torch.testing.assert_close(target, fused, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("border, window, unmatched", [("clamp", "square", "scaled"), ("mask", "row", "original"),
+                                                       ("clamp", "row", "original")])
+def test_the_dense_and_gathered_kernels_agree(border, window, unmatched, monkeypatch):
+    """The two kernels of the windowed attention (dense logits for small images, gathered windows for large
+    ones) on float32 inputs, every border / window / unmatched rule, a block size that splits the rows."""
+    g = torch.Generator().manual_seed(21)
+    B, V, H, grid, d = 2, 3, 2, (5, 6), 8
+    N = grid[0] * grid[1]
+    q, k, v = (torch.randn(B, V, H, N, d, generator=g) for _ in range(3))
+    index = torch.randint(0, N, (B, V, H, V - 1, N), generator=g)
+    kept = torch.rand(B, V, H, V - 1, N, generator=g) < 0.5
+    att = MatchedAttention(q, k, v, index, kept, grid, 0.4)
+    options = AggregationOptions(radius=2, eta=0.2, window=window, border=border, unmatched=unmatched, chunk_size=5)
+    original = torch.randn(v.shape, generator=g)
+    out = {}
+    for kernel, limit in (("dense", 10**9), ("gathered", 0)):
+        monkeypatch.setattr(ca, "DENSE_WINDOW_MAX_TOKENS", limit)
+        out[kernel] = (corr_adapted_output(original, att, options), windowed_aggregation(att, options))
+    # float32, different summation orders (matmul vs gathered dot products): a few ulps of values ~1
+    torch.testing.assert_close(out["dense"][0], out["gathered"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["dense"][1][0], out["gathered"][1][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["dense"][1][1], out["gathered"][1][1])  # exact: integer counts
+    assert not torch.equal(out["dense"][0], original)  # the case adapts something
 
 
 def _perfect_call(eta_out: torch.Tensor, B=2, H=2, grid=(4, 4)) -> tuple[AttentionCall, torch.Tensor]:
