@@ -42,7 +42,8 @@ are adapted once registered (:mod:`corrlab.probing.custom`).
 
 Memory beyond the kernel's own: the matcher's blocks (``chunk_size`` source tokens x one image's tokens x
 heads x other images), the aggregation's blocks (``chunk_size`` kept matches x window x head size, for
-keys and values), the list of kept matches (a few longs each), the cached matches (one long per token,
+keys and values; for images of at most :data:`DENSE_WINDOW_MAX_TOKENS` tokens, blocks of query rows' logits
+against one image's keys, at most 4 MiB or that bound), the list of kept matches (a few longs each), the cached matches (one long per token,
 head and other image, per adapted layer) and, with ``matching.history``, that many copies of q and k
 per layer. The blend is written into the kernel's output in place (the taps then copy it into the layer's
 output, their one output-size copy), so no output-size buffer of the adapter's own is needed; an outer
@@ -213,7 +214,8 @@ class CorrAdapterConfig:
         video: the model generates video (15 active steps by the auto rule); None (default) = from the model
             (Wan transformers are video models).
         chunk_size: source tokens per matcher block and kept matches per aggregation block (default 64:
-            small temporaries, see the module docstring).
+            small temporaries, see the module docstring; the dense kernel for small images takes blocks of
+            up to 4 MiB of logits when that is more).
     """
 
     eta: float = AggregationOptions.eta
