@@ -1,0 +1,43 @@
+"""benchmarks/model_quality.py: SIFT precision by the pair's true view angle."""
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "model_quality.py"
+
+
+@pytest.fixture(scope="module")
+def model_quality():
+    spec = importlib.util.spec_from_file_location("model_quality_under_test", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(method, pair, angle, threshold, correct, matches, set_=0):
+    return {"method": method, "set": set_, "src": pair[0], "tgt": pair[1], "view_angle": angle,
+            "threshold": threshold, "n_correct": correct, "n_matches": matches}
+
+
+def test_pairs_are_bucketed_by_their_true_view_angle(model_quality):
+    rows = [
+        _row("rendered", (0, 1), 10.0, 2.0, 8, 10), _row("rendered", (0, 2), 100.0, 2.0, 1, 10),
+        _row("rendered", (0, 1), 10.0, 1.0, 5, 10),  # another threshold: left out
+        # under another scene's cameras the same pairs have other angles; they stay in their true bucket
+        _row("rendered, shuffled cameras", (0, 1), 150.0, 2.0, 2, 10),
+        _row("rendered, shuffled cameras", (0, 2), 5.0, 2.0, 3, 10),
+        _row("generated", (0, 1), 10.0, 2.0, 3, 4), _row("generated", (0, 2), 100.0, 2.0, 0, 6),
+        _row("generated", (0, 1), 12.0, 2.0, 1, 4, set_=1),
+        _row("rendered", (0, 1), 12.0, 2.0, 2, 2, set_=1),
+    ]
+    table = model_quality.precision_by_view_angle(pd.DataFrame(rows), threshold=2.0, edges=(0, 30, 180))
+    low, high = pd.Interval(0, 30), pd.Interval(30, 180)
+    approx = lambda x: pytest.approx(x, abs=5e-4)  # noqa: E731 (the table rounds precision to 3 decimals)
+    assert table.loc[low, ("precision", "rendered")] == approx(10 / 12)
+    assert table.loc[low, ("precision", "rendered, shuffled cameras")] == approx(0.2)
+    assert table.loc[high, ("precision", "rendered, shuffled cameras")] == approx(0.3)
+    assert table.loc[low, ("precision", "generated")] == approx(0.5)  # (3 + 1) / (4 + 4), both sets pooled
+    assert table.loc[high, ("precision", "generated")] == 0.0
+    assert table.loc[low, ("n_matches", "generated")] == 8
