@@ -488,9 +488,10 @@ def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
 
 
 #: Images of at most this many tokens take the dense-logits kernel (:func:`_dense_window_attention`), larger
-#: ones the gathered-window kernel (:func:`_gathered_window_attention`). Measured on this CPU (1 thread, 2 x 4
-#: views, 4 heads, head size 24-32, r = 3, 2/3 of the slots kept; time of gathered / dense): 4.1x at 256 tokens,
-#: 1.7x at 1024, 0.73x at 2025, 0.34x at 4096, where dense work (every key, not 49) outgrows the gathers' cost.
+#: ones the gathered-window kernel (:func:`_gathered_window_attention`). ``benchmarks/window_kernels.py`` on this
+#: CPU (1 thread, 2 x 4 views, 4 heads, head size 32, r = 3, 2/3 of the slots kept; time of gathered / dense):
+#: 3.1x at 256 tokens, 1.8x at 1024, 0.96x at 2025, 0.35x at 4096, where dense work (every key, not 49) outgrows
+#: the gathers' cost.
 DENSE_WINDOW_MAX_TOKENS = 1024
 
 
