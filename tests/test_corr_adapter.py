@@ -402,5 +402,9 @@ def test_aggregation_rejects_bad_shapes():
         MatchedAttention(q, k, v, index, kept.long(), (3, 4), 1.0)
     with pytest.raises(ValueRangeError, match="scale"):
         MatchedAttention(q, k, v, index, kept, (3, 4), 0.0)
+    with pytest.raises(ValueRangeError, match=r"index: expected token indices in \[0, 12\), got values in \[.*, 12\]"):
+        MatchedAttention(q, k, v, index.index_fill(-1, torch.tensor([0]), 12), kept, (3, 4), 1.0)
+    with pytest.raises(ValueRangeError, match=r"index: expected token indices in \[0, 12\), got values in \[-1, "):
+        MatchedAttention(q, k, v, index.index_fill(-1, torch.tensor([5]), -1), kept, (3, 4), 1.0)
     with pytest.raises(CorrlabError, match="options: expected an AggregationOptions"):
         windowed_aggregation(MatchedAttention(q, k, v, index, kept, (3, 4), 1.0), {"radius": 1})
