@@ -234,11 +234,12 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
             df = sift_pair_scores(imgs, cams, method)
             df["set"] = i
             frames.append(df)
-    pooled = pool_consistency(pd.concat(frames, ignore_index=True))
+    pairs = pd.concat(frames, ignore_index=True)
+    pooled = pool_consistency(pairs)
     print("(e) SIFT on reference + generated views (symmetric epipolar distance, pooled)")
     print(pooled.to_string(index=False))
     print("(e) the same at 2 px by the pair's true view angle (degrees)")
-    print(precision_by_view_angle(pd.concat(frames, ignore_index=True)).to_string())
+    print(precision_by_view_angle(pairs).to_string())
     for _, r in pooled.iterrows():
         key = SIFT_KEYS[r["method"]]
         summary[f"cond_sift_{key}_prec@{r['threshold']:g}px"] = round(float(r["precision"]), 4)

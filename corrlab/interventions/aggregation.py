@@ -455,9 +455,10 @@ class MatchedAttention:
             raise ShapeError(f"index: expected a long tensor of shape ({B}, {V}, {H} or 1, {V - 1}, {N}), got {describe(index)}")
         if not isinstance(kept, torch.Tensor) or kept.shape != index.shape or kept.dtype != torch.bool:
             raise ShapeError(f"kept: expected a bool tensor of shape {tuple(index.shape)}, got {describe(kept)}")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= N):
-            raise ValueRangeError(f"index: expected token indices in [0, {N}), got values in "
-                                  f"[{int(index.min())}, {int(index.max())}]")
+        if index.numel():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= N:
+                raise ValueRangeError(f"index: expected token indices in [0, {N}), got values in [{lo}, {hi}]")
         try:
             h, w = int(grid[0]), int(grid[1])
         except (TypeError, ValueError, IndexError):
