@@ -60,12 +60,27 @@ NATIVE_START = HELD_OUT_SEED_START + 90_000
 
 #: CorrAdapter settings tried on the selection scenes (image-conditioned: every step). "finest" = the
 #: finest-grid layers (corrlab's default for this model: blocks.0 and blocks.4, 16 x 16), "decoder" =
-#: blocks.4 only (the releases adapt only the finest decoder level).
+#: blocks.4 only (the releases adapt only the finest decoder level), "all" = every multi-view layer (the 8 x 8
+#: ones too). eta is the weight of the ORIGINAL output (0 = the aggregated output alone); r the window radius in
+#: tokens (default 3: a 7 x 7 window, almost half of a 16 x 16 grid; r 1: 3 x 3).
 CANDIDATES = {
     "finest eta0.1": dict(eta=0.1),
     "decoder eta0.1": dict(eta=0.1, layers=["blocks.4.attn"]),
     "finest eta0.1 keep-all": dict(eta=0.1, threshold=0.0),
+    "decoder eta0.1 r1": dict(eta=0.1, layers=["blocks.4.attn"], window_radius=1),
+    "decoder eta0 r1": dict(eta=0.0, layers=["blocks.4.attn"], window_radius=1),
+    "decoder eta0.5": dict(eta=0.5, layers=["blocks.4.attn"]),
+    "finest eta0.1 r1": dict(eta=0.1, window_radius=1),
+    "all eta0.1": dict(eta=0.1, layers="all"),
 }
+
+
+def adapter_params(pipe: CorrlabPipeline, params: dict) -> dict:
+    """A :data:`CANDIDATES` setting as ``CorrAdapterHandle`` keywords: ``layers="all"`` becomes every multi-view
+    attention layer of the pipeline's model."""
+    if params.get("layers") == "all":
+        return {**params, "layers": list(pipe.model.attention_grids())}
+    return dict(params)
 
 
 def tiny_pipeline() -> CorrlabPipeline:
@@ -105,7 +120,7 @@ def run_config(pipe, seeds, adapter: dict | None, lora: str | None, steps: int, 
     rows = []
     handle = load_lora(pipe, lora) if lora else None
     try:
-        ca = CorrAdapterHandle(pipe, image_conditioned=True, **adapter) if adapter is not None else None
+        ca = CorrAdapterHandle(pipe, image_conditioned=True, **adapter_params(pipe, adapter)) if adapter is not None else None
         for seed in tqdm(seeds, desc=desc, leave=False):
             truth = render_scene(int(seed), views, pipe.sample_size, "train")
             t0 = time.perf_counter()

@@ -1,5 +1,8 @@
-"""Helpers shared by the embedded-model tests (test_model.py, test_model_v2.py)."""
+"""Helpers shared by the embedded-model tests (test_model.py, test_model_v2.py, the benchmark-script tests)."""
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -51,3 +54,12 @@ class KernelCapture:
     def __call__(self, call, q, k, v, proceed):
         self.seen.update(q=q.clone(), k=k.clone(), scale=call.scale)
         return proceed(q, k, v)
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/{name}.py`` imported as a module (its ``main`` not run)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,19 +1,12 @@
 """benchmarks/model_quality.py: SIFT precision by the pair's true view angle."""
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "model_quality.py"
+from model_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def model_quality():
-    spec = importlib.util.spec_from_file_location("model_quality_under_test", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("model_quality")
 
 
 def _row(method, pair, angle, threshold, correct, matches, set_=0):
