@@ -1,10 +1,11 @@
-"""CorrAdapter's windowed attention: the dense-logits kernel vs the gathered-window kernel, by image size.
+"""CorrAdapter's windowed attention: the compiled C kernel and the two torch kernels (dense logits, gathered windows).
 
 Random q / k / v / matches (2 batch entries x 4 views, 4 heads, head size 32, r = 3, about 2/3 of the match
 slots kept), one call of ``corr_adapted_output`` per kernel and size, process CPU time (median of the repeats).
-Prints, per tokens-per-image, the two times, their ratio (gathered / dense: > 1 where dense is faster) and the
-largest difference of the outputs; ends with one line of key=value pairs. The crossover sets
-``corrlab.interventions.aggregation.DENSE_WINDOW_MAX_TOKENS``.
+Prints, per tokens-per-image, the three times, the ratios gathered / dense (> 1 where dense is faster: the
+crossover sets ``corrlab.interventions.aggregation.DENSE_WINDOW_MAX_TOKENS`` for the torch path) and torch's
+faster kernel / compiled (the compiled kernel's speed-up; it is what float32 on the CPU runs where a C compiler is
+found), and the largest difference of each output from the dense kernel's; ends with one line of key=value pairs.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/window_kernels.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/window_kernels.py --sides 8 16 --repeats 1   # smoke test
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     B, V, H, d = 2, 4, 4, args.head_size
     summary = {}
-    saved = aggregation.DENSE_WINDOW_MAX_TOKENS
+    saved = aggregation.DENSE_WINDOW_MAX_TOKENS, aggregation.load_window_kernel
+    compiled = saved[1]() is not None
+    kernels = (("dense", 10**9, False), ("gathered", 0, False)) + ((("compiled", 0, True),) if compiled else ())
     try:
         for side in args.sides:
             N = side * side
@@ -54,18 +57,26 @@ def main(argv=None) -> int:
             att = MatchedAttention(q, k, v, index, kept, (side, side), d ** -0.5)
             options = AggregationOptions(radius=3, eta=0.1)
             out, secs = {}, {}
-            for kernel, limit in (("dense", 10**9), ("gathered", 0)):
+            for kernel, limit, use_compiled in kernels:
                 aggregation.DENSE_WINDOW_MAX_TOKENS = limit
+                aggregation.load_window_kernel = saved[1] if use_compiled else (lambda: None)
                 out[kernel] = corr_adapted_output(original, att, options)
                 secs[kernel] = timed(lambda: corr_adapted_output(original, att, options), args.repeats)
             ratio = secs["gathered"] / secs["dense"]
-            diff = float((out["dense"] - out["gathered"]).abs().max())
-            print(f"{N:5d} tokens per image: dense {secs['dense'] * 1e3:8.1f} ms, gathered {secs['gathered'] * 1e3:8.1f} ms, "
-                  f"gathered / dense {ratio:.2f}, max |difference| {diff:.1e}")
+            line = (f"{N:5d} tokens per image: dense {secs['dense'] * 1e3:8.1f} ms, gathered {secs['gathered'] * 1e3:8.1f} ms"
+                    f", gathered / dense {ratio:.2f}")
             summary[f"ratio_gathered_over_dense@{N}"] = round(ratio, 2)
+            if compiled:
+                speedup = min(secs["dense"], secs["gathered"]) / secs["compiled"]
+                line += f", compiled {secs['compiled'] * 1e3:8.1f} ms, torch's best / compiled {speedup:.2f}"
+                summary[f"speedup_compiled@{N}"] = round(speedup, 2)
+            diff = max(float((out[kn] - out["dense"]).abs().max()) for kn in out)
+            print(f"{line}, max |difference| {diff:.1e}")
+            summary[f"max_diff@{N}"] = f"{diff:.1e}"
     finally:
-        aggregation.DENSE_WINDOW_MAX_TOKENS = saved
-    summary["dense_max_tokens"] = saved
+        aggregation.DENSE_WINDOW_MAX_TOKENS, aggregation.load_window_kernel = saved
+    summary["compiled"] = compiled
+    summary["dense_max_tokens"] = saved[0]
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
 

@@ -24,6 +24,7 @@ from corrlab.interventions import (
 )
 from corrlab.model import CorrlabPipeline, MultiViewDiT
 from corrlab.probing import AttentionCall, MatchingOptions, TokenLayout
+from corrlab.probing.match_kernel import match_kernel_status
 
 # the package attribute corr_adapter is the context manager; the module is reached through importlib
 ca = importlib.import_module("corrlab.interventions.aggregation")
@@ -299,7 +300,7 @@ def random_case(seed: int, heads_matched: int, B=2, V=3, H=2, grid=(3, 4), d=5):
 @pytest.mark.parametrize("kernel", ["dense", "gathered"])
 @pytest.mark.parametrize("heads_matched, window, radius, chunk", [(2, "square", 1, 7), (1, "square", 2, 512), (2, "row", 1, 3)])
 def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radius, chunk, kernel, monkeypatch):
-    monkeypatch.setattr(ca, "DENSE_WINDOW_MAX_TOKENS", 10**9 if kernel == "dense" else 0)
+    use_kernel(kernel, monkeypatch)
     q, k, v, index, kept = random_case(heads_matched + radius, heads_matched)
     scale = 1 / math.sqrt(q.shape[-1])
     options = AggregationOptions(radius=radius, eta=0.3, window=window, chunk_size=chunk)
@@ -326,13 +327,25 @@ def test_windowed_aggregation_equals_naive_reference(heads_matched, window, radi
         torch.testing.assert_close(target, fused, rtol=1e-12, atol=1e-12)
 
 
+def use_kernel(kernel: str, monkeypatch) -> None:
+    """Route the windowed attention through one kernel: "compiled" (C, float32 CPU), "dense" or "gathered" (torch)."""
+    if kernel == "compiled":
+        if ca.load_window_kernel() is None:
+            pytest.skip(f"no compiled kernel here: {match_kernel_status()}")
+        monkeypatch.setattr(ca, "load_window_kernel", ca.load_window_kernel)
+    else:
+        monkeypatch.setattr(ca, "load_window_kernel", lambda: None)
+        monkeypatch.setattr(ca, "DENSE_WINDOW_MAX_TOKENS", 10**9 if kernel == "dense" else 0)
+
+
 @pytest.mark.parametrize("border, window, unmatched", [("clamp", "square", "scaled"), ("mask", "row", "original"),
-                                                       ("clamp", "row", "original")])
-def test_the_dense_and_gathered_kernels_agree(border, window, unmatched, monkeypatch):
-    """The two kernels of the windowed attention (dense logits for small images, gathered windows for large
-    ones) on float32 inputs, every border / window / unmatched rule, a block size that splits the rows."""
+                                                       ("clamp", "row", "original"), ("mask", "square", "original")])
+def test_the_three_kernels_agree(border, window, unmatched, monkeypatch):
+    """The kernels of the windowed attention (compiled C for float32 on the CPU, dense logits for small images,
+    gathered windows for large ones) on float32 inputs, every border / window / unmatched rule, a block size that
+    splits the rows, a head size that is not a multiple of the C kernel's 8 lanes."""
     g = torch.Generator().manual_seed(21)
-    B, V, H, grid, d = 2, 3, 2, (5, 6), 8
+    B, V, H, grid, d = 2, 3, 2, (5, 6), 11
     N = grid[0] * grid[1]
     q, k, v = (torch.randn(B, V, H, N, d, generator=g) for _ in range(3))
     index = torch.randint(0, N, (B, V, H, V - 1, N), generator=g)
@@ -341,14 +354,92 @@ def test_the_dense_and_gathered_kernels_agree(border, window, unmatched, monkeyp
     options = AggregationOptions(radius=2, eta=0.2, window=window, border=border, unmatched=unmatched, chunk_size=5)
     original = torch.randn(v.shape, generator=g)
     out = {}
-    for kernel, limit in (("dense", 10**9), ("gathered", 0)):
-        monkeypatch.setattr(ca, "DENSE_WINDOW_MAX_TOKENS", limit)
-        out[kernel] = (corr_adapted_output(original, att, options), windowed_aggregation(att, options))
-    # float32, different summation orders (matmul vs gathered dot products): a few ulps of values ~1
-    torch.testing.assert_close(out["dense"][0], out["gathered"][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["dense"][1][0], out["gathered"][1][0], rtol=1e-5, atol=1e-5)
-    assert torch.equal(out["dense"][1][1], out["gathered"][1][1])  # exact: integer counts
+    kernels = ("dense", "gathered") + (("compiled",) if ca.load_window_kernel() is not None else ())
+    for kernel in kernels:
+        with monkeypatch.context() as m:
+            use_kernel(kernel, m)
+            out[kernel] = (corr_adapted_output(original, att, options), windowed_aggregation(att, options))
+    for kernel in kernels[1:]:
+        # float32, different summation orders (matmul vs dot products): a few ulps of values ~1
+        torch.testing.assert_close(out[kernel][0], out["dense"][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[kernel][1][0], out["dense"][1][0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[kernel][1][1], out["dense"][1][1])  # exact: integer counts
     assert not torch.equal(out["dense"][0], original)  # the case adapts something
+
+
+@pytest.mark.parametrize("heads_matched, window, radius, d", [(2, "square", 1, 5), (1, "square", 4, 19), (2, "row", 5, 8),
+                                                              (2, "square", 3, 45)])
+def test_the_compiled_kernel_equals_naive_reference(heads_matched, window, radius, d, monkeypatch):
+    """The C kernel (float32) against the float64 loop reference: window radii above and below its 8-lane chunks
+    (r = 4, 5: 9 and 11 columns), windows cut by every border of a small grid, head sizes with lane tails."""
+    use_kernel("compiled", monkeypatch)
+    q, k, v, index, kept = random_case(radius + d, heads_matched, d=d)
+    scale = 1 / math.sqrt(d)
+    options = AggregationOptions(radius=radius, eta=0.3, window=window)
+    got, count = windowed_aggregation(MatchedAttention(q.float(), k.float(), v.float(), index, kept, (3, 4), scale),
+                                      options)
+    ref, ref_count = naive_aggregation(q, k, v, index, kept, (3, 4), scale, radius, window)
+    assert got.dtype == torch.float32 and torch.equal(count, ref_count.float())  # exact: integer counts
+    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5)  # float32 arithmetic against float64
+    # the blend, in place into strided rows (the attention processors' layout: tokens outer, heads inner)
+    original = torch.randn(v.shape, generator=torch.Generator().manual_seed(9))
+    target = original.transpose(2, 3).contiguous().transpose(2, 3)
+    qs, ks, vs = (x.float().transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
+    out = corr_adapted_output(target, MatchedAttention(qs, ks, vs, index, kept, (3, 4), scale), options, inplace=True)
+    assert out is target
+    torch.testing.assert_close(out, blend_aggregated(original, ref.float(), ref_count, 0.3), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[ref_count == 0], original[ref_count == 0])  # exact: rows without a kept match untouched
+
+
+def test_the_compiled_kernel_is_deterministic_and_propagates_nan(monkeypatch):
+    """Same inputs twice, on one thread or two: bit-identical (each output row is computed whole by one thread in
+    a fixed order). A NaN query makes its own rows NaN, as torch's softmax would, and touches no other row."""
+    use_kernel("compiled", monkeypatch)
+    q, k, v, index, kept = random_case(3, 2, B=2, V=4, H=2, grid=(6, 5), d=13)
+    q, k, v = q.float(), k.float(), v.float()
+    att = MatchedAttention(q, k, v, index, kept, (6, 5), 0.3)
+    options = AggregationOptions(radius=2, eta=0.1)
+    original = torch.randn(v.shape)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = corr_adapted_output(original, att, options)
+        torch.set_num_threads(2)
+        two = corr_adapted_output(original, att, options)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, corr_adapted_output(original, att, options))  # exact: same computation
+    q_nan = q.clone()
+    q_nan[0, 1, 0, 7] = float("nan")
+    bad = corr_adapted_output(original, MatchedAttention(q_nan, k, v, index, kept, (6, 5), 0.3), options)
+    row_kept = kept[0, 1, 0, :, 7].any()
+    assert bool(row_kept) and bad[0, 1, 0, 7].isnan().all()
+    others = torch.ones(bad.shape[:-1], dtype=torch.bool)
+    others[0, 1, 0, 7] = False
+    assert torch.equal(bad[others], one[others])  # exact: the same computation for every other row
+
+
+def test_the_compiled_kernel_refuses_rows_it_cannot_read():
+    """The low-level entry checks what the C code would otherwise read out of bounds."""
+    if ca.load_window_kernel() is None:
+        pytest.skip(match_kernel_status())
+    from corrlab.probing.match_kernel import window_attention
+
+    B, V, H, N, d = 1, 2, 1, 4, 3
+    rows = tuple(torch.zeros(B * V * H * N, d) for _ in range(4))
+    strides = ((0, V * H * N, H * N, N, 1),) * 4
+    index = torch.zeros(B, V, H, V - 1, N, dtype=torch.long)
+    kept = torch.ones_like(index, dtype=torch.bool)
+    kw = dict(clamp=False, scale=1.0, eta=0.5, scale_out=True)
+    window_attention(rows, strides, H, index, kept, (2, 2), (1, 1), **kw)  # fits: no error
+    with pytest.raises(ShapeError, match="out rows"):
+        window_attention(rows, strides[:3] + ((1, V * H * N, H * N, N, 1),), H, index, kept, (2, 2), (1, 1), **kw)
+    with pytest.raises(ValueRangeError, match=r"index: expected token indices in \[0, 4\)"):
+        window_attention(rows, strides, H, index + 4, kept, (2, 2), (1, 1), **kw)
+    with pytest.raises(ShapeError, match="grid"):
+        window_attention(rows, strides, H, index, kept, (3, 2), (1, 1), **kw)
+    with pytest.raises(ShapeError, match="float32"):
+        window_attention(tuple(r.double() for r in rows), strides, H, index, kept, (2, 2), (1, 1), **kw)
 
 
 def _perfect_call(eta_out: torch.Tensor, B=2, H=2, grid=(4, 4)) -> tuple[AttentionCall, torch.Tensor]:
@@ -408,3 +499,17 @@ def test_aggregation_rejects_bad_shapes():
         MatchedAttention(q, k, v, index.index_fill(-1, torch.tensor([5]), -1), kept, (3, 4), 1.0)
     with pytest.raises(CorrlabError, match="options: expected an AggregationOptions"):
         windowed_aggregation(MatchedAttention(q, k, v, index, kept, (3, 4), 1.0), {"radius": 1})
+
+
+def test_window_kernels_benchmark_compares_every_kernel(capsys):
+    """benchmarks/window_kernels.py (smoke size): every kernel's output agrees with the dense one, its key=value line
+    says which kernels ran and restores the module's settings afterwards."""
+    from model_helpers import load_benchmark
+
+    saved = (ca.DENSE_WINDOW_MAX_TOKENS, ca.load_window_kernel)
+    assert load_benchmark("window_kernels").main(["--sides", "5", "--repeats", "1", "--head-size", "9"]) == 0
+    assert (ca.DENSE_WINDOW_MAX_TOKENS, ca.load_window_kernel) == saved
+    summary = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split())
+    assert summary["compiled"] == str(ca.load_window_kernel() is not None)
+    assert float(summary["max_diff@25"]) < 1e-5
+    assert ("speedup_compiled@25" in summary) == (summary["compiled"] == "True")

@@ -40,10 +40,18 @@ Layouts: images in one sequence, images as batch entries, and row-wise multi-vie
 ``TokenLayout.row_wise``, matching per row and a 1-D row window); attention modules outside diffusers
 are adapted once registered (:mod:`corrlab.probing.custom`).
 
+Kernels of the windowed attention: float32 on the CPU, one compiled C call per layer call
+(:func:`corrlab.probing.match_kernel.window_attention`: per kept match the window's logits 8 keys at a time, their
+softmax and the weighted values, blended into the output rows in place; about ``(2r+1)^2 (d + dv)`` multiply-adds a
+match, where a dense block computes every key); elsewhere (float64, CUDA, no C compiler, ``CORRLAB_MATCH_KERNEL=0``)
+torch: dense logit blocks for images of at most :data:`DENSE_WINDOW_MAX_TOKENS` tokens, gathered windows above.
+The three agree to float rounding (``tests/test_corr_adapter.py``).
+
 Memory beyond the kernel's own: the matcher's blocks (``chunk_size`` source tokens x one image's tokens x
 heads x other images), the aggregation's blocks (``chunk_size`` kept matches x window x head size, for
 keys and values; for images of at most :data:`DENSE_WINDOW_MAX_TOKENS` tokens, blocks of query rows' logits
-against one image's keys, at most 4 MiB or that bound), the list of kept matches (a few longs each), the cached matches (one long per token,
+against one image's keys, at most 4 MiB or that bound; the compiled kernel: a transposed copy of the keys and a
+few hundred floats a thread), the list of kept matches (a few longs each), the cached matches (one long per token,
 head and other image, per adapted layer) and, with ``matching.history``, that many copies of q and k
 per layer. The blend is written into the kernel's output in place (the taps then copy it into the layer's
 output, their one output-size copy), so no output-size buffer of the adapter's own is needed; an outer
@@ -59,6 +67,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import CorrlabError, ShapeError, ValueRangeError, check_choice, describe
+from ..probing.match_kernel import load_window_kernel, window_attention
 from ..probing.matcher import HistoryMax, MatchingOptions, match_layout, window_offsets
 from ..probing.taps import AttentionCall, AttentionTaps, list_layers
 
@@ -507,8 +516,9 @@ def _kept_window_attention(
     Yields ``((b, i, h, p), agg (C, dv))``: batch entry, source image, head and source token of each match
     (``(C,)`` long each) and the softmax over its window's keys applied to the values (dtype ``dtype``).
     Each (b, i, h, p) comes once per kept other image, in the order of :func:`other_images` for every
-    row. Two kernels compute it, the same numbers up to float rounding: dense logits for images of at
-    most :data:`DENSE_WINDOW_MAX_TOKENS` tokens, gathered windows above.
+    row. Two torch kernels compute it, the same numbers up to float rounding: dense logits for images of at
+    most :data:`DENSE_WINDOW_MAX_TOKENS` tokens, gathered windows above (float32 on the CPU takes the compiled
+    kernel instead, :func:`_compiled_window_blend`, where it could be built).
     """
     if att.q.shape[3] <= DENSE_WINDOW_MAX_TOKENS:
         return _dense_window_attention(att, options, dtype)
@@ -586,6 +596,24 @@ def _gathered_window_attention(
         yield (b, i, h, p), agg
 
 
+def _compiled_window_blend(att: MatchedAttention, options: AggregationOptions, out_rows: torch.Tensor,
+                           out_strides: tuple[int, ...], eta: float, scale_out: bool) -> bool:
+    """The windowed aggregation blended into ``out_rows`` (rows of ``(B, V, heads, N)``, strides ``(offset, b, image,
+    head, token)`` in rows) by the compiled kernel (:func:`corrlab.probing.match_kernel.window_attention`):
+    float32 CPU tensors, where the kernel could be built. Returns False (nothing written) where it does not apply."""
+    tensors = (att.q, att.k, att.v, out_rows)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or load_window_kernel() is None:
+        return False
+    views = [_row_view(t) for t in tensors[:3]]
+    window_attention(
+        (*(rows for rows, _, _ in views), out_rows), (*((off, *st) for _, st, off in views), tuple(out_strides)),
+        att.q.shape[2], att.index, att.kept, att.grid,
+        (options.radius if options.window == "square" else 0, options.radius),
+        clamp=options.border == "clamp", scale=att.scale, eta=eta, scale_out=scale_out,
+    )
+    return True
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -608,6 +636,9 @@ def windowed_aggregation(att: MatchedAttention, options: AggregationOptions) -> 
     B, V, H, N, _ = att.q.shape
     dtype = _compute_dtype(att.q)
     total = torch.zeros((B * V * H * N, att.v.shape[-1]), dtype=dtype, device=att.q.device)
+    if _compiled_window_blend(att, options, total, (0, V * H * N, H * N, N, 1), eta=0.0, scale_out=True):
+        count = att.kept.expand(B, V, H, V - 1, N).sum(dim=3, dtype=dtype)
+        return total.view(B, V, H, N, -1), count
     count = torch.zeros((B * V * H * N,), dtype=dtype, device=att.q.device)
     for (b, i, hd, p), agg in _kept_window_attention(att, options, dtype):
         row = ((b * V + i) * H + hd) * N + p
@@ -659,19 +690,20 @@ def corr_adapted_output(
     target = original if inplace else original.clone(memory_format=torch.contiguous_format)
     if unmatched == "scaled":
         target.mul_(eta)  # every token's original gets weight eta; the kept ones get their aggregate below
+    if not att.kept.any():
+        return target
     rows, (sb, sv, sh, sn), offset = _row_view(target)
     copied = rows.untyped_storage().data_ptr() != target.untyped_storage().data_ptr()
-    n_kept = att.kept.expand(B, V, H, V - 1, N).sum(dim=3)  # (B, V, H, N) kept other images per output row
-    tb, ti, th, tp = n_kept.nonzero(as_tuple=True)
-    if tb.numel() == 0:
-        return target
-    if unmatched == "original":
-        rows[offset + tb * sb + ti * sv + th * sh + tp * sn] *= eta
-    dtype = _compute_dtype(att.q)
-    share = (1.0 - float(eta)) / n_kept.clamp(min=1).to(dtype)
-    for (b, i, hd, p), agg in _kept_window_attention(att, options, dtype):
-        agg.mul_(share[b, i, hd, p].unsqueeze(-1))
-        rows.index_add_(0, offset + b * sb + i * sv + hd * sh + p * sn, agg.to(rows.dtype))
+    if not _compiled_window_blend(att, options, rows, (offset, sb, sv, sh, sn), float(eta), unmatched == "original"):
+        n_kept = att.kept.expand(B, V, H, V - 1, N).sum(dim=3)  # (B, V, H, N) kept other images per output row
+        tb, ti, th, tp = n_kept.nonzero(as_tuple=True)
+        if unmatched == "original":
+            rows[offset + tb * sb + ti * sv + th * sh + tp * sn] *= eta
+        dtype = _compute_dtype(att.q)
+        share = (1.0 - float(eta)) / n_kept.clamp(min=1).to(dtype)
+        for (b, i, hd, p), agg in _kept_window_attention(att, options, dtype):
+            agg.mul_(share[b, i, hd, p].unsqueeze(-1))
+            rows.index_add_(0, offset + b * sb + i * sv + hd * sh + p * sn, agg.to(rows.dtype))
     if copied:  # rows of a contiguous copy: write it back
         target.copy_(rows[offset:offset + B * V * H * N].view(target.shape))
     return target

@@ -1,5 +1,6 @@
-/* The fused probe's compiled kernel (see match_kernel.py): softmax attention of one batch entry and, from the
- * same logits, every query's per-image max, first argmax and global confidence.
+/* corrlab's compiled kernels (see match_kernel.py). corrlab_attention_matches, the fused probe's: softmax attention
+ * of one batch entry and, from the same logits, every query's per-image max, first argmax and global confidence.
+ * corrlab_window_attention, CorrAdapter's windowed aggregation: at the end of this file.
  *
  * For every head and every block of RB query rows:
  *   1. S = q_rows . k^T, a register tile of RB rows x 16 keys over the head size (keys packed in panels of 16);
@@ -246,6 +247,155 @@ void corrlab_attention_matches(const float *q, const float *kP, const float *v, 
             int64_t base = h * L + r0;
             match_rows(work, nrows, V, n, Lp, argmax + base * V, conf + base * V, rowsum + base, gap);
             p_v_tile(work, L, Lp, vh, dv, rowsum + base, nrows, out + base * dv);
+        }
+    }
+}
+
+/* CorrAdapter's windowed aggregation (corrlab/interventions/aggregation.py), blended into the attention output in
+ * place. For every (b, i, h) of jobs [job0, job1) (flattened over B x V x H) and every source token p with at least
+ * one kept match: the mean over the kept other images t (image j = targets[i][t], matched token c) of
+ *   softmax_{w in window(c)} (scale q_p . k_w) applied to v_w,
+ * the window being the tokens c + (dr, dc), |dr| <= wr, |dc| <= wc, on the gh x gw grid; entries outside the grid
+ * are left out of the softmax, or with `clamp` clamped into it (then counted once per entry). Then
+ *   out_p <- (scale_out ? eta out_p : out_p) + (1 - eta) mean.
+ * Rows: q, k, v and out hold rows of d (q, k) or dv (v, out) contiguous floats; row (b, img, h, n) is row
+ * s[0] + b s[1] + img s[2] + h s[3] + n s[4] of its tensor (strides in rows). kT: the keys transposed and padded,
+ * (B, V, H, d, NP) contiguous, key n of column j at [.., j, wc + n], NP = N + 2 wc + 8 (the zero padding lets one
+ * vector load read 8 consecutive keys of a window row; lanes outside the grid are masked). index (int64) and kept
+ * (uint8): (B, V, Hp, V-1, N) contiguous, Hp = H or 1 (one match for every head).
+ * work: (2 wr + 1) * (2 wc + 8) + 8 + dv floats, per thread. */
+static inline float dot(const float *a, const float *b, int64_t d) {
+    v8f acc = splat(0.0f);
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8) acc += load(a + j) * load(b + j);
+    float s = hsum(acc);
+    for (; j < d; j++) s += a[j] * b[j];
+    return s;
+}
+
+static inline int64_t clampi(int64_t x, int64_t hi) { return x < 0 ? 0 : (x > hi ? hi : x); }
+
+void corrlab_window_attention(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *kT,
+                              const float *v, const int64_t *vs, float *out, const int64_t *os, const int64_t *index,
+                              const uint8_t *kept, const int64_t *targets, int64_t wr, int64_t wc, int64_t V,
+                              int64_t H, int64_t Hp, int64_t N, int64_t d, int64_t dv, int64_t gh, int64_t gw,
+                              int32_t clamp, float scale, float eta, int32_t scale_out, int64_t job0, int64_t job1,
+                              float *work) {
+    const int64_t W = 2 * wc + 1, NP = N + 2 * wc + 8;
+    float *logit = work, *acc = work + (2 * wr + 1) * (W + 7) + 8;
+    int64_t tok[(2 * wr + 1) * (W + 7) + 8];
+    for (int64_t job = job0; job < job1; job++) {
+        int64_t b = job / (V * H), i = (job / H) % V, h = job % H, hp = Hp == 1 ? 0 : h;
+        const int64_t *idx_bi = index + ((b * V + i) * Hp + hp) * (V - 1) * N;
+        const uint8_t *kept_bi = kept + ((b * V + i) * Hp + hp) * (V - 1) * N;
+        for (int64_t p = 0; p < N; p++) {
+            int n_kept = 0, nan_row = 0;
+            const float *qp = q + (qs[0] + b * qs[1] + i * qs[2] + h * qs[3] + p * qs[4]) * d;
+            for (int64_t t = 0; t < V - 1; t++) {
+                if (!kept_bi[t * N + p]) continue;
+                int64_t c = idx_bi[t * N + p], j = targets[i * (V - 1) + t];
+                int64_t r0 = c / gw, c0 = c % gw;
+                int64_t kbase = ks[0] + b * ks[1] + j * ks[2] + h * ks[3];
+                int64_t vbase = vs[0] + b * vs[1] + j * vs[2] + h * vs[3];
+                int64_t used = 0;
+                if (!clamp) { /* window rows of W consecutive keys, 8 at a time from the transposed keys */
+                    const float *kTh = kT + ((b * V + j) * H + h) * d * NP + wc;
+                    int64_t rlo = r0 - wr < 0 ? 0 : r0 - wr, rhi = r0 + wr >= gh ? gh - 1 : r0 + wr;
+                    for (int64_t ch = 0; ch < W; ch += 8) {
+                        v8i lane_ok; /* lanes in the window and in the grid's columns: the same on every row */
+                        for (int l = 0; l < 8; l++) {
+                            int64_t cc = c0 - wc + ch + l;
+                            lane_ok[l] = (ch + l < W && cc >= 0 && cc < gw) ? -1 : 0;
+                        }
+                        v8i minus_inf = as_int(splat(-INFINITY)) & ~lane_ok;
+                        for (int64_t g = rlo; g <= rhi; g += 8) { /* up to 8 window rows: independent sums */
+                            int64_t ng = rhi - g + 1 < 8 ? rhi - g + 1 : 8;
+                            const float *col[8];
+                            v8f sum[8];
+                            for (int64_t r = 0; r < 8; r++) {
+                                col[r] = kTh + (g + (r < ng ? r : 0)) * gw + c0 - wc + ch;
+                                sum[r] = splat(0.0f);
+                            }
+                            for (int64_t kk = 0; kk < d; kk++) {
+                                v8f qv = splat(qp[kk]);
+                                for (int64_t r = 0; r < 8; r++) sum[r] += qv * load(col[r] + kk * NP);
+                            }
+                            for (int64_t r = 0; r < ng; r++) {
+                                int64_t base = (g + r) * gw + c0 - wc + ch;
+                                store(logit + used, as_float((as_int(sum[r] * splat(scale)) & lane_ok) | minus_inf));
+                                for (int l = 0; l < 8; l++) tok[used + l] = base + l; /* masked lanes: never read */
+                                used += 8;
+                            }
+                        }
+                    }
+                } else { /* clamped entries repeat border keys: one dot product an entry */
+                    for (int64_t dr = -wr; dr <= wr; dr++) {
+                        int64_t rr = clampi(r0 + dr, gh - 1);
+                        for (int64_t dc = -wc; dc <= wc; dc++) {
+                            int64_t w = rr * gw + clampi(c0 + dc, gw - 1);
+                            tok[used] = w;
+                            logit[used++] = scale * dot(qp, k + (kbase + w * ks[4]) * d, d);
+                        }
+                    }
+                    for (; used % 8; used++) logit[used] = -INFINITY; /* whole vectors: exp gives 0 */
+                }
+                v8f mx = splat(-INFINITY);
+                for (int64_t e = 0; e < used; e += 8) {
+                    v8f x = load(logit + e);
+                    v8i gt = (v8i)(x > mx);
+                    mx = as_float((as_int(x) & gt) | (as_int(mx) & ~gt));
+                }
+                float m = mx[0];
+                for (int l = 1; l < 8; l++) m = mx[l] > m ? mx[l] : m;
+                v8f zs = splat(0.0f), mv = splat(m);
+                for (int64_t e = 0; e < used; e += 8) {
+                    v8f x = vexp(load(logit + e) - mv);
+                    store(logit + e, x);
+                    zs += x;
+                }
+                float inv = 1.0f / hsum(zs);
+                if (n_kept == 0) memset(acc, 0, dv * sizeof(float));
+                if (!(inv > 0.0f) || !(m < INFINITY)) nan_row = 1; /* NaN or infinite logits: the row becomes NaN */
+                int64_t nz = 0; /* the window's positive weights, compacted: (weight, value row); masked lanes are 0 */
+                for (int64_t e = 0; e < used; e++)
+                    if (logit[e] > 0.0f) {
+                        logit[nz] = logit[e] * inv;
+                        tok[nz++] = (vbase + tok[e] * vs[4]) * dv;
+                    }
+                int64_t jj = 0;
+                for (; jj + 16 <= dv; jj += 16) { /* 16 output channels in registers over the window */
+                    v8f a0 = splat(0.0f), a1 = splat(0.0f);
+                    for (int64_t e = 0; e < nz; e++) {
+                        v8f w = splat(logit[e]);
+                        a0 += w * load(v + tok[e] + jj);
+                        a1 += w * load(v + tok[e] + jj + 8);
+                    }
+                    store(acc + jj, load(acc + jj) + a0);
+                    store(acc + jj + 8, load(acc + jj + 8) + a1);
+                }
+                for (; jj + 8 <= dv; jj += 8) {
+                    v8f a0 = splat(0.0f);
+                    for (int64_t e = 0; e < nz; e++) a0 += splat(logit[e]) * load(v + tok[e] + jj);
+                    store(acc + jj, load(acc + jj) + a0);
+                }
+                if (jj < dv && dv >= 8) { /* the last 8 channels (overlapping the ones done), kept from jj on */
+                    v8f a0 = splat(0.0f);
+                    for (int64_t e = 0; e < nz; e++) a0 += splat(logit[e]) * load(v + tok[e] + dv - 8);
+                    for (int64_t l = jj - (dv - 8); l < 8; l++) acc[dv - 8 + l] += a0[l];
+                    jj = dv;
+                }
+                for (; jj < dv; jj++) {
+                    float a = 0.0f;
+                    for (int64_t e = 0; e < nz; e++) a += logit[e] * v[tok[e] + jj];
+                    acc[jj] += a;
+                }
+                n_kept++;
+            }
+            if (n_kept == 0) continue;
+            float *o = out + (os[0] + b * os[1] + i * os[2] + h * os[3] + p * os[4]) * dv;
+            float share = (1.0f - eta) / (float)n_kept;
+            if (nan_row) share = NAN;
+            for (int64_t j = 0; j < dv; j++) o[j] = (scale_out ? eta * o[j] : o[j]) + share * acc[j];
         }
     }
 }
