@@ -513,3 +513,25 @@ def test_window_kernels_benchmark_compares_every_kernel(capsys):
     assert summary["compiled"] == str(ca.load_window_kernel() is not None)
     assert float(summary["max_diff@25"]) < 1e-5
     assert ("speedup_compiled@25" in summary) == (summary["compiled"] == "True")
+
+
+def test_windows_too_long_for_the_compiled_kernel_go_to_torch(monkeypatch):
+    """Above COMPILED_WINDOW_MAX_ENTRIES entries the torch kernels run (the C sums lose precision over very long
+    windows): the result equals the torch path's exactly, and a window just inside the bound takes the C kernel."""
+    if ca.load_window_kernel() is None:
+        pytest.skip(match_kernel_status())
+    q, k, v, index, kept = random_case(4, 1, B=1, V=2, H=1, grid=(4, 5), d=6)
+    att = MatchedAttention(q.float(), k.float(), v.float(), index, kept, (4, 5), 0.5)
+    calls = []
+    real = ca.window_attention
+    monkeypatch.setattr(ca, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    r = 16  # 33 x 33 = 1089 entries > 1024
+    assert (2 * r + 1) ** 2 > ca.COMPILED_WINDOW_MAX_ENTRIES >= (2 * r - 1) ** 2
+    long_window = AggregationOptions(radius=r, eta=0.3, border="clamp")
+    got = windowed_aggregation(att, long_window)[0]
+    assert calls == []
+    with monkeypatch.context() as m:
+        use_kernel("dense", m)
+        assert torch.equal(got, windowed_aggregation(att, long_window)[0])  # exact: the same torch computation
+    windowed_aggregation(att, AggregationOptions(radius=r - 1, eta=0.3, border="clamp"))
+    assert calls == [1]

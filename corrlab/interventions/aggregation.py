@@ -40,7 +40,8 @@ Layouts: images in one sequence, images as batch entries, and row-wise multi-vie
 ``TokenLayout.row_wise``, matching per row and a 1-D row window); attention modules outside diffusers
 are adapted once registered (:mod:`corrlab.probing.custom`).
 
-Kernels of the windowed attention: float32 on the CPU, one compiled C call per layer call
+Kernels of the windowed attention: float32 on the CPU (windows of at most :data:`COMPILED_WINDOW_MAX_ENTRIES`
+entries), one compiled C call per layer call
 (:func:`corrlab.probing.match_kernel.window_attention`: per kept match the window's logits 8 keys at a time, their
 softmax and the weighted values, blended into the output rows in place; about ``(2r+1)^2 (d + dv)`` multiply-adds a
 match, where a dense block computes every key); elsewhere (float64, CUDA, no C compiler, ``CORRLAB_MATCH_KERNEL=0``)
@@ -596,6 +597,12 @@ def _gathered_window_attention(
         yield (b, i, h, p), agg
 
 
+#: The compiled kernel takes windows of at most this many entries (r <= 15 for a square window); larger ones go to
+#: torch's kernels. Its float32 sums lose more precision than torch's reductions over very long windows (a 41 x 41
+#: clamped window: 2e-5 against float64, torch 7e-6; 121 x 121: 2e-4 against 8e-5), and such windows are rare.
+COMPILED_WINDOW_MAX_ENTRIES = 1024
+
+
 def _compiled_window_blend(att: MatchedAttention, options: AggregationOptions, out_rows: torch.Tensor,
                            out_strides: tuple[int, ...], eta: float, scale_out: bool) -> bool:
     """The windowed aggregation blended into ``out_rows`` (rows of ``(B, V, heads, N)``, strides ``(offset, b, image,
@@ -603,6 +610,9 @@ def _compiled_window_blend(att: MatchedAttention, options: AggregationOptions, o
     float32 CPU tensors, where the kernel could be built. Returns False (nothing written) where it does not apply."""
     tensors = (att.q, att.k, att.v, out_rows)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or load_window_kernel() is None:
+        return False
+    wr = options.radius if options.window == "square" else 0
+    if (2 * wr + 1) * (2 * options.radius + 1) > COMPILED_WINDOW_MAX_ENTRIES:
         return False
     views = [_row_view(t) for t in tensors[:3]]
     window_attention(

@@ -263,7 +263,7 @@ void corrlab_attention_matches(const float *q, const float *kP, const float *v, 
  * (B, V, H, d, NP) contiguous, key n of column j at [.., j, wc + n], NP = N + 2 wc + 8 (the zero padding lets one
  * vector load read 8 consecutive keys of a window row; lanes outside the grid are masked). index (int64) and kept
  * (uint8): (B, V, Hp, V-1, N) contiguous, Hp = H or 1 (one match for every head).
- * work: (2 wr + 1) * (2 wc + 8) + 8 + dv floats, per thread. */
+ * work: (2 wr + 1) * (2 wc + 8) + 8 + dv floats and tok: (2 wr + 1) * (2 wc + 8) + 8 int64, per thread. */
 static inline float dot(const float *a, const float *b, int64_t d) {
     v8f acc = splat(0.0f);
     int64_t j = 0;
@@ -280,10 +280,9 @@ void corrlab_window_attention(const float *q, const int64_t *qs, const float *k,
                               const uint8_t *kept, const int64_t *targets, int64_t wr, int64_t wc, int64_t V,
                               int64_t H, int64_t Hp, int64_t N, int64_t d, int64_t dv, int64_t gh, int64_t gw,
                               int32_t clamp, float scale, float eta, int32_t scale_out, int64_t job0, int64_t job1,
-                              float *work) {
+                              float *work, int64_t *tok) {
     const int64_t W = 2 * wc + 1, NP = N + 2 * wc + 8;
     float *logit = work, *acc = work + (2 * wr + 1) * (W + 7) + 8;
-    int64_t tok[(2 * wr + 1) * (W + 7) + 8];
     for (int64_t job = job0; job < job1; job++) {
         int64_t b = job / (V * H), i = (job / H) % V, h = job % H, hp = Hp == 1 ? 0 : h;
         const int64_t *idx_bi = index + ((b * V + i) * Hp + hp) * (V - 1) * N;

@@ -130,7 +130,7 @@ def load_match_kernel():
         i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
         fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr]
         fn.restype = None
-        window_fn.argtypes = [ptr] * 12 + [i64] * 10 + [i32, f32, f32, i32, i64, i64, ptr]
+        window_fn.argtypes = [ptr] * 12 + [i64] * 10 + [i32, f32, f32, i32, i64, i64, ptr, ptr]
         window_fn.restype = None
         _state["fn"], _state["window_fn"], _state["status"] = fn, window_fn, f"compiled: {lib}"
         return fn
@@ -291,12 +291,14 @@ def window_attention(rows: tuple, strides: tuple, heads: int, index: torch.Tenso
         kT = k.new_zeros((B, V, H, d, N + 2 * wc + 8))
         kT[..., wc:wc + N] = keys.transpose(-1, -2)
     workers = max(1, min(jobs, torch.get_num_threads()))
-    work = torch.empty((workers, (2 * wr + 1) * (2 * wc + 8) + 8 + dv), dtype=torch.float32)
+    entries = (2 * wr + 1) * (2 * wc + 8) + 8  # the window's logits in whole vectors, per thread
+    work = torch.empty((workers, entries + dv), dtype=torch.float32)
+    tok = torch.empty((workers, entries), dtype=torch.int64)
 
     def run(w: int, j0: int, j1: int) -> None:
         fn(q.data_ptr(), st[0].data_ptr(), k.data_ptr(), st[1].data_ptr(), kT.data_ptr(), v.data_ptr(),
            st[2].data_ptr(), out.data_ptr(), st[3].data_ptr(), index.data_ptr(), kept.data_ptr(), targets.data_ptr(),
            wr, wc, V, H, Hp, N, d, dv, int(grid[0]), int(grid[1]), int(bool(clamp)), float(scale), float(eta),
-           int(bool(scale_out)), j0, j1, work[w].data_ptr())
+           int(bool(scale_out)), j0, j1, work[w].data_ptr(), tok[w].data_ptr())
 
     _split(run, jobs, workers)
