@@ -24,7 +24,7 @@ from corrlab.interventions import (
 )
 from corrlab.model import CorrlabPipeline, MultiViewDiT
 from corrlab.probing import AttentionCall, MatchingOptions, TokenLayout
-from corrlab.probing.match_kernel import match_kernel_status
+from corrlab.probing.match_kernel import load_match_kernel, match_kernel_status
 
 # the package attribute corr_adapter is the context manager; the module is reached through importlib
 ca = importlib.import_module("corrlab.interventions.aggregation")
@@ -105,13 +105,14 @@ def test_refresh_interval_reuses_matches(pipe, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ca, "match_layout", counting)
-    with corr_adapter(pipe, layers=["blocks.2.attn"], refresh_every=3, active_steps=None) as handle:
+    # the matcher's own calls (fused_refresh=False; the fused pass's refreshes are counted in the fused tests)
+    with corr_adapter(pipe, layers=["blocks.2.attn"], refresh_every=3, active_steps=None, fused_refresh=False) as handle:
         generate(pipe, steps=7, guidance=2.0)  # CFG: batch of 2
     # steps 0, 3, 6 refresh; each refresh matches every (batch entry, source image): 2 x 3
     assert handle.stats["matcher_refreshes"] == 3
     assert len(calls) == 3 * 2 * 3
     calls.clear()
-    with corr_adapter(pipe, layers=["blocks.2.attn"], refresh_every=1, active_steps=None) as handle:
+    with corr_adapter(pipe, layers=["blocks.2.attn"], refresh_every=1, active_steps=None, fused_refresh=False) as handle:
         generate(pipe, steps=7, guidance=1.0)  # no CFG: batch of 1
     assert handle.stats["matcher_refreshes"] == 7 and len(calls) == 7 * 3
 
@@ -535,3 +536,38 @@ def test_windows_too_long_for_the_compiled_kernel_go_to_torch(monkeypatch):
         assert torch.equal(got, windowed_aggregation(att, long_window)[0])  # exact: the same torch computation
     windowed_aggregation(att, AggregationOptions(radius=r - 1, eta=0.3, border="clamp"))
     assert calls == [1]
+
+
+# ------------------------------------------------------------------- fused refresh (the attention's own pass)
+def _adapted(pipe, **params):
+    with corr_adapter(pipe, active_steps=None, refresh_every=2, layers=["blocks.1.attn", "blocks.3.attn"],
+                      threshold=0.02, **params) as handle:
+        images = generate(pipe, steps=4)
+    return images, dict(handle.stats)
+
+
+def test_fused_refresh_takes_its_matches_from_the_attention_pass(pipe):
+    """At refresh steps the attention output and the matches come from one pass (the probe's compiled kernel): the
+    generation equals the unfused one up to float rounding and counts the same refreshes and kept slots."""
+    if load_match_kernel() is None:
+        pytest.skip(match_kernel_status())
+    fused, s_fused = _adapted(pipe)
+    unfused, s_unfused = _adapted(pipe, fused_refresh=False)
+    assert s_fused["fused_refreshes"] == s_fused["matcher_refreshes"] == s_unfused["matcher_refreshes"] == 2 * 2  # steps 0, 2
+    assert s_unfused["fused_refreshes"] == 0
+    assert s_fused["kept"] == s_unfused["kept"] and 0 < s_fused["kept"] < s_fused["total"]
+    assert s_fused["adapted_calls"] == s_unfused["adapted_calls"] == s_fused["calls"] == 4 * 2  # CFG in one call
+    # float32 rounding of another summation order, carried through 4 steps of a 4-block model
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(fused, generate(pipe, steps=4))  # the adapter acts
+
+
+@pytest.mark.parametrize("params", [dict(eta=1.0), dict(confidence="window"), dict(history=2), dict(heads="mean"),
+                                    dict(shared_guidance_cache=True)])
+def test_fused_refresh_steps_aside_where_it_does_not_apply(pipe, params):
+    """eta = 1 (the bit-exact "adapter off"), matching options the compiled pass does not compute, and the
+    guidance-shared cache: the model's kernel and the matcher run, as with fused_refresh=False, bit for bit."""
+    images, stats = _adapted(pipe, **params)
+    reference, _ = _adapted(pipe, fused_refresh=False, **params)
+    assert stats["fused_refreshes"] == 0 and stats["matcher_refreshes"] > 0
+    assert torch.equal(images, reference)  # exact: the same computation twice

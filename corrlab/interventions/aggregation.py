@@ -68,7 +68,8 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import CorrlabError, ShapeError, ValueRangeError, check_choice, describe
-from ..probing.match_kernel import load_window_kernel, window_attention
+from ..probing.fused_attention import fused_attention_matches
+from ..probing.match_kernel import load_match_kernel, load_window_kernel, window_attention
 from ..probing.matcher import HistoryMax, MatchingOptions, match_layout, window_offsets
 from ..probing.taps import AttentionCall, AttentionTaps, list_layers
 
@@ -223,6 +224,16 @@ class CorrAdapterConfig:
             ``"auto"`` step rule (default False: text-conditioned, corrlab's embedded pipeline).
         video: the model generates video (15 active steps by the auto rule); None (default) = from the model
             (Wan transformers are video models).
+        fused_refresh: at a step that recomputes the matches, compute the layer's attention output and its matches
+            from one pass over the logits (the probe's compiled fused kernel,
+            :func:`corrlab.probing.fused_attention.fused_attention_matches`) instead of running the model's kernel
+            and then the matcher over the same logits a second time (default True). Used where that kernel
+            applies: the matching's defaults (``similarity="softmax"``, ``heads="per_head"``,
+            ``confidence="global"``, no ``mutual``, no ``history``), float32 on the CPU, images in one sequence,
+            no ``shared_guidance_cache``, ``eta < 1``; elsewhere, and with False, the model's kernel runs and the
+            matcher after it. The attention output at those steps then differs from the model kernel's by float
+            rounding (``|out - sdpa| <= 1e-5 + 1e-4 |sdpa|``) and a match can differ where two logits tie within
+            rounding; ``eta = 1`` always takes the model's kernel (the bit-exact "adapter off").
         chunk_size: source tokens per matcher block and kept matches per aggregation block (default 64:
             small temporaries, see the module docstring; the dense kernel for small images takes blocks of
             up to 4 MiB of logits when that is more).
@@ -243,6 +254,7 @@ class CorrAdapterConfig:
     unmatched: str = AggregationOptions.unmatched
     image_conditioned: bool = False
     video: bool | None = None
+    fused_refresh: bool = True
 
     @classmethod
     def build(cls, base: "CorrAdapterConfig | None" = None, **params: Any) -> "CorrAdapterConfig":
@@ -310,7 +322,8 @@ class CorrAdapterConfig:
         n = self.num_steps
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueRangeError(f"num_steps: expected None or a positive int, got {n!r}")
-        for name in ("history_for_aggregation", "shared_guidance_cache", "refresh_last_step", "image_conditioned"):
+        for name in ("history_for_aggregation", "shared_guidance_cache", "refresh_last_step", "image_conditioned",
+                     "fused_refresh"):
             if not isinstance(getattr(self, name), bool):
                 raise CorrlabError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if self.video is not None and not isinstance(self.video, bool):
@@ -732,7 +745,8 @@ class CorrAdapter:
 
     Holds the per-layer state (step counter, cached matches, q/k history). ``stats`` counts calls:
     ``calls`` (tapped calls), ``adapted_calls``, ``matcher_refreshes`` (layer calls that recomputed
-    matches), ``kept`` and ``total`` (kept and all match slots, summed over adapted calls).
+    matches), ``fused_refreshes`` (those of them whose matches came from the attention's own pass,
+    ``fused_refresh``), ``kept`` and ``total`` (kept and all match slots, summed over adapted calls).
 
     Refresh rule: a layer's matches are recomputed at steps ``0, n, 2n, ...`` (``n`` = the resolved
     ``refresh_every``), at the last step with ``refresh_last_step``, and whenever nothing usable is cached
@@ -755,7 +769,7 @@ class CorrAdapter:
         self._origin: tuple[int, int] | None = None  # (generation, step) of the taps' clock at this adapter's step 0
         self._slot = 0
         self._new_generation()
-        self.stats = {"calls": 0, "adapted_calls": 0, "matcher_refreshes": 0, "kept": 0, "total": 0}
+        self.stats = {"calls": 0, "adapted_calls": 0, "matcher_refreshes": 0, "fused_refreshes": 0, "kept": 0, "total": 0}
 
     def _new_generation(self) -> None:
         self._cache: dict[tuple, _CachedMatches] = {}
@@ -819,6 +833,64 @@ class CorrAdapter:
         self.stats["matcher_refreshes"] += 1
         return index, kept
 
+    def _refresh_now(self, call: AttentionCall, step: int, refresh_every: int) -> bool:
+        """Whether this call recomputes its layer's matches (:meth:`_matches` would)."""
+        key = (call.layer,) if self.config.shared_guidance_cache else (call.layer, self._slot)
+        cached = self._cache.get(key)
+        usable = cached is not None and cached.shape == tuple(call.q.shape) and cached.step <= step
+        return not usable or self._refresh_due(step, refresh_every)
+
+    def _fusable(self, call: AttentionCall, q: torch.Tensor) -> bool:
+        cfg, m = self.config, self.config.matching
+        return (cfg.fused_refresh and cfg.eta < 1.0 and not cfg.shared_guidance_cache and m.history is None
+                and m.similarity == "softmax" and m.heads == "per_head" and m.confidence == "global" and not m.mutual
+                and not call.layout.row_wise and call.layout.num_images >= 2 and q.dtype == torch.float32
+                and q.device.type == "cpu" and load_match_kernel() is not None)
+
+    @torch.no_grad()
+    def fused_kernel(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel) -> torch.Tensor | None:
+        """The taps' fused hook (:class:`~corrlab.probing.taps.AttentionTaps`): at a step that recomputes the matches,
+        the layer's attention output and its matches from one pass (``fused_refresh``), then the adapter's blend.
+
+        ``q, k, v``: the kernel's ``(B, heads, V*N, d)`` (images in one sequence, no other tokens); ``call``: their
+        image-token views, ``out=None``. Returns the adapted kernel output, or None where this does not apply (the
+        taps then run the model's kernel and :meth:`__call__`).
+        """
+        if not self._fusable(call, q):
+            return None
+        step = self._step_of(call)
+        cfg = self.config
+        active_steps, refresh_every = cfg.schedule(row_wise=False, video=self.video)
+        if (active_steps is not None and step >= active_steps) or not self._refresh_now(call, step, refresh_every):
+            return None
+        B, H, L, _ = q.shape
+        V, N = call.layout.num_images, L // call.layout.num_images
+        targets = other_images(V)
+        options = cfg.matching.matcher_kwargs()
+        outs, index, kept = [], [], []
+        for b in range(B):
+            out_b, idx, _, kp = fused_attention_matches(q[b], k[b], v[b], call.layout.grid, scale=call.scale,
+                                                        chunk_size=cfg.chunk_size, **options)
+            outs.append(out_b)  # idx, kp: (H, source image, target image, N) -> (V, H, V-1, N), other_images order
+            rows = torch.arange(V)[:, None]
+            index.append(idx[:, rows, targets].transpose(0, 1))
+            kept.append(kp[:, rows, targets].transpose(0, 1))
+        out, index, kept = torch.stack(outs), torch.stack(index), torch.stack(kept)
+        self._cache[(call.layer, self._slot)] = _CachedMatches(step, tuple(call.q.shape), index, kept)
+        self.stats["matcher_refreshes"] += 1
+        self.stats["fused_refreshes"] += 1
+        self.stats["calls"] += 1
+        att = MatchedAttention(call.q, call.k, call.v, index, kept, call.layout.grid, call.scale)
+        out5 = out.view(B, H, V, N, out.shape[-1]).transpose(1, 2)  # (B, V, heads, N, dv): call.out's layout
+        corr_adapted_output(out5, att, cfg.aggregation(self._window_shape(call)), inplace=True)
+        self._count(kept, H)
+        return out
+
+    def _count(self, kept: torch.Tensor, heads: int) -> None:
+        self.stats["adapted_calls"] += 1
+        self.stats["kept"] += int(kept.sum()) * (heads // kept.shape[2])
+        self.stats["total"] += kept.numel() * (heads // kept.shape[2])
+
     def _window_shape(self, call: AttentionCall) -> str:
         if self.config.window != "auto":
             return self.config.window
@@ -842,9 +914,7 @@ class CorrAdapter:
             q, k = call.q, call.k
         att = MatchedAttention(q, k, call.v, index, kept, call.layout.grid, call.scale)
         out = corr_adapted_output(call.out, att, cfg.aggregation(self._window_shape(call)), inplace=True)
-        self.stats["adapted_calls"] += 1
-        self.stats["kept"] += int(kept.sum()) * (call.q.shape[2] // kept.shape[2])
-        self.stats["total"] += kept.numel() * (call.q.shape[2] // kept.shape[2])
+        self._count(kept, call.q.shape[2])
         return out
 
 
