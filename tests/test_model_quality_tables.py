@@ -1,4 +1,4 @@
-"""benchmarks/model_quality.py: SIFT precision by the pair's true view angle."""
+"""benchmarks/model_quality.py: SIFT precision by the pair's true view angle; epipolar_bias_scale.py."""
 import pandas as pd
 import pytest
 from model_helpers import load_benchmark
@@ -34,3 +34,15 @@ def test_pairs_are_bucketed_by_their_true_view_angle(model_quality):
     assert table.loc[low, ("precision", "generated")] == approx(0.5)  # (3 + 1) / (4 + 4), both sets pooled
     assert table.loc[high, ("precision", "generated")] == 0.0
     assert table.loc[low, ("n_matches", "generated")] == 8
+
+
+def test_epipolar_bias_scale_benchmark_shows_the_baseline_dependence(capsys):
+    """benchmarks/epipolar_bias_scale.py on the shipped weights (a few camera sets): the bias's penalty for leaving
+    the epipolar line grows with the view angle in the 'random' layout up to 60-120 degrees, and dividing by the
+    baseline lifts the close-view penalty above the wide one."""
+    assert load_benchmark("epipolar_bias_scale").main(["--n-sets", "12", "--layouts", "train", "random"]) == 0
+    kv = dict(x.split("=") for x in capsys.readouterr().out.strip().splitlines()[-1].split())
+    c = {k: float(v) for k, v in kv.items()}
+    assert c["lambda_max"] > 10
+    assert c["contrast_random_0-15"] < 0.25 * c["contrast_random_60-120"]
+    assert c["normalised_random_0-15"] > c["normalised_random_60-120"]
