@@ -1,7 +1,7 @@
 """How strongly the embedded model's epipolar bias tells a token's epipolar line from its neighbours, by view angle.
 
 ``corrlab-mvunet-s`` subtracts ``lambda_h * p^2`` from its attention logits, ``p = d_i . m_j + m_i . d_j`` the
-reciprocal product of the two tokens' Plücker rays (``corrlab.model.ray_bias``). ``p = (o_j - o_i) . (d_i x d_j)``
+reciprocal product of the two tokens' Plücker rays (``corrlab.model.ray_bias``). ``p = (o_i - o_j) . (d_i x d_j)``
 grows with the baseline ``|o_j - o_i|`` between the two cameras, so the same pixel distance from the epipolar
 line costs less and less as two views come together. No images, no sampling: for camera pairs of the renderer's
 layouts this computes, on the model's 16 x 16 token grid (64 px), the mean ``p^2`` over token pairs on each

@@ -30,7 +30,7 @@ from ..errors import ShapeError, describe
 from .attention_heads import merge_heads, project_heads, require_self_attention
 from .rays import token_centres
 
-__all__ = ["projective_matrices_from_rays", "apply_projective", "PRoPEAttnProcessor"]
+__all__ = ["camera_centres_from_rays", "projective_matrices_from_rays", "apply_projective", "PRoPEAttnProcessor"]
 
 
 def normalisation_matrix(height: int, width: int, dtype=torch.float64) -> torch.Tensor:
@@ -40,6 +40,32 @@ def normalisation_matrix(height: int, width: int, dtype=torch.float64) -> torch.
     return torch.tensor(
         [[2.0 / width, 0.0, 1.0 / width - 1.0], [0.0, 2.0 / height, 1.0 / height - 1.0], [0.0, 0.0, 1.0]], dtype=dtype
     )
+
+
+@torch.no_grad()
+def camera_centres_from_rays(rays: torch.Tensor) -> torch.Tensor:
+    """Each view's camera centre from its per-pixel Plücker ray map: ``(N, 6, H, W)`` -> ``(N, 3)`` float64.
+
+    Least squares over the pixels of ``m = o x d = -[d]x o`` (``d`` need not be unit length); exact for a pinhole
+    camera. Rays that are all parallel (an orthographic camera) have no centre: the solve raises.
+    """
+    if rays.ndim != 4 or rays.shape[1] != 6:
+        raise ShapeError(f"rays: expected (N, 6, H, W) Plücker ray maps, got {describe(rays)}")
+    n = rays.shape[0]
+    r = rays.detach().to(torch.float64).reshape(n, 6, -1).transpose(1, 2)  # (N, P, 6)
+    d, m = r[..., :3], r[..., 3:]
+    zero = torch.zeros_like(d[..., 0])
+    dx = torch.stack(
+        [
+            torch.stack([zero, -d[..., 2], d[..., 1]], -1),
+            torch.stack([d[..., 2], zero, -d[..., 0]], -1),
+            torch.stack([-d[..., 1], d[..., 0], zero], -1),
+        ],
+        dim=-2,
+    )  # (N, P, 3, 3) = [d]x
+    lhs = torch.einsum("npji,npjk->nik", dx, dx)
+    rhs = -torch.einsum("npji,npj->ni", dx, m)
+    return torch.linalg.solve(lhs, rhs)
 
 
 @torch.no_grad()
@@ -58,21 +84,8 @@ def projective_matrices_from_rays(rays: torch.Tensor) -> torch.Tensor:
     if rays.ndim != 4 or rays.shape[1] != 6:
         raise ShapeError(f"rays: expected (N, 6, H, W) Plücker ray maps, got {describe(rays)}")
     n, _, height, width = rays.shape
-    r = rays.detach().to(torch.float64).reshape(n, 6, -1).transpose(1, 2)  # (N, P, 6)
-    d, m = r[..., :3], r[..., 3:]
-    # camera centre: m = o x d = -[d]x o  -> least squares over the pixels
-    zero = torch.zeros_like(d[..., 0])
-    dx = torch.stack(
-        [
-            torch.stack([zero, -d[..., 2], d[..., 1]], -1),
-            torch.stack([d[..., 2], zero, -d[..., 0]], -1),
-            torch.stack([-d[..., 1], d[..., 0], zero], -1),
-        ],
-        dim=-2,
-    )  # (N, P, 3, 3) = [d]x
-    lhs = torch.einsum("npji,npjk->nik", dx, dx)
-    rhs = -torch.einsum("npji,npj->ni", dx, m)
-    o = torch.linalg.solve(lhs, rhs)  # (N, 3)
+    d = rays.detach().to(torch.float64).reshape(n, 6, -1).transpose(1, 2)[..., :3]  # (N, P, 3)
+    o = camera_centres_from_rays(rays)  # (N, 3)
     # A: u x (A d) = 0 for the normalised pixel u = (x, y, 1) -> smallest eigenvector of M^T M
     pix = token_centres(height, width, 1).to(rays.device)  # (P, 2) pixel centres, row-major
     u = torch.cat([pix, torch.ones_like(pix[:, :1])], dim=1) @ normalisation_matrix(height, width).to(rays.device).T

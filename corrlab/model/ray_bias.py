@@ -20,6 +20,12 @@ with ``r~ = (m, d)``, and the kernel is called with ``scale = 1 / sqrt(d)``. Its
 read the attention the model really computes. ``v`` gets 21 zero channels, dropped from the output: torch's
 fused CPU kernel needs equal head sizes for q, k and v and otherwise falls back to an unfused path about twice
 as slow as this.
+
+The product is proportional to the baseline between the two cameras (``p = (o_i - o_j) . (d_i x d_j)``), so the
+penalty fades as two views come together: under 15 degrees apart it is about 1/50 of its size where the renderer's
+'train' layout puts views (``benchmarks/epipolar_bias_scale.py``). ``MultiViewUNet(epipolar_normalise=True)``
+divides it, per token and other view, by ``|b x d_i|`` (:func:`baseline_normalisers`; 21 channels per view
+instead of 21), which leaves ``|sin phi|``, the angle of ray ``j`` from token ``i``'s epipolar plane.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 from ..errors import ShapeError, describe
 from .attention_heads import merge_heads, project_heads, require_self_attention
 
-__all__ = ["unit_rays", "reciprocal_product", "EpipolarBiasAttnProcessor"]
+__all__ = ["unit_rays", "reciprocal_product", "baseline_normalisers", "EpipolarBiasAttnProcessor"]
 
 
 
@@ -61,12 +67,46 @@ def _sym_outer(r: torch.Tensor, weighted: bool = False) -> torch.Tensor:
     return out * _WEIGHTS.to(out) if weighted else out
 
 
+def baseline_normalisers(rays: torch.Tensor, centres: torch.Tensor, reference: float) -> torch.Tensor:
+    """Per token and view, the factor that turns ``p^2`` into ``(reference * sin phi)^2``.
+
+    ``p = (o_i - o_j) . (d_i x d_j) = -|b x d_i| (d_j . n_i)``, ``b = o_u - o_i`` the baseline to view ``u`` of token
+    ``j`` and ``n_i`` the unit normal of token ``i``'s epipolar plane, so ``|p| / |b x d_i| = |sin phi|``, ``phi`` the
+    angle of ray ``j`` from that plane: the distance from the epipolar line as an angle, whatever the baseline.
+
+    Args:
+        rays: ``(B, S, 6)`` unit rays of ``S = V * T`` tokens, view-major; centres: ``(B, V, 3)`` camera centres.
+        reference: the ``|b x d_i|`` at which the factor is 1 (a typical value of the training layout, so that a
+            model trained without the normalisation sees about the same bias there).
+
+    Returns:
+        ``(B, S, V)``: ``(reference / max(|b x d_i|, reference / 10))^2`` for the other views, 0 for the token's own
+        view (whose tokens share its centre: ``p = 0``). The floor bounds the factor where ray ``i`` points at the
+        other camera (its epipolar plane is undefined there, and ``p`` is 0 for every ``j``).
+    """
+    B, S, _ = rays.shape
+    V = centres.shape[1]
+    own = torch.arange(S, device=rays.device) // (S // V)  # (S,) view of each token
+    base = centres[:, None, :, :] - centres[:, own][:, :, None, :]  # (B, S, V, 3)
+    n = torch.linalg.cross(base, rays[..., None, :3].expand_as(base), dim=-1).norm(dim=-1)
+    w = (reference / n.clamp_min(reference / 10)) ** 2
+    return w.masked_fill(own[:, None] == torch.arange(V, device=rays.device), 0.0)
+
+
 class EpipolarBiasAttnProcessor:
     """Self-attention with the Plücker epipolar bias; called as ``attn(x, rays=(B, S, 6), strength=(heads,))``,
-``strength`` the per-head ``lambda_h``."""
+    ``strength`` the per-head ``lambda_h``.
+
+    With ``centres=(B, V, 3)`` (the views' camera centres, tokens view-major) and ``reference`` the bias is
+    normalised per token and other view (:func:`baseline_normalisers`): ``lambda_h (reference sin phi)^2``, which does
+    not fade as two views come together. It travels as 21 channels of q and k per view (those of view ``u`` carry
+    token ``i``'s factor for ``u`` in q, and are non-zero in k only for tokens of view ``u``), so the kernel stays
+    one fused call with ``21 V`` extra channels instead of 21.
+    """
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, rays: torch.Tensor | None = None, strength: torch.Tensor | None = None) -> torch.Tensor:
+                 temb=None, rays: torch.Tensor | None = None, strength: torch.Tensor | None = None,
+                 centres: torch.Tensor | None = None, reference: float | None = None) -> torch.Tensor:
         require_self_attention("EpipolarBiasAttnProcessor", encoder_hidden_states, attention_mask)
         B, S, _ = hidden_states.shape
         heads = attn.heads
@@ -74,14 +114,26 @@ class EpipolarBiasAttnProcessor:
             raise ShapeError(f"rays: expected ({B}, {S}, 6) unit Plücker rays of the tokens, got {describe(rays)}")
         if strength is None or tuple(strength.shape) != (heads,):
             raise ShapeError(f"strength: expected ({heads},) per-head strengths, got {describe(strength)}")
+        if centres is not None and (centres.ndim != 3 or centres.shape[0] != B or centres.shape[2] != 3
+                                    or centres.shape[1] < 1 or S % centres.shape[1] or reference is None):
+            raise ShapeError(f"centres: expected ({B}, V, 3) camera centres with V dividing {S} tokens and a reference, "
+                             f"got {describe(centres)} and reference={reference!r}")
         query, key, value = project_heads(attn, hidden_states)
         head_dim = query.shape[-1]
         r = rays.to(query.dtype)
         swapped = torch.cat([r[..., 3:], r[..., :3]], dim=-1)
         lam = strength.to(query.dtype)[None, :, None, None]
-        extra = _ROWS.numel()
-        query = torch.cat([query, -lam * math.sqrt(head_dim) * _sym_outer(r, weighted=True)[:, None].expand(B, heads, S, extra)], dim=-1)
-        key = torch.cat([key, _sym_outer(swapped)[:, None].expand(B, heads, S, extra)], dim=-1)
+        q_extra, k_extra = _sym_outer(r, weighted=True), _sym_outer(swapped)  # (B, S, 21)
+        if centres is not None:
+            V = centres.shape[1]
+            w = baseline_normalisers(r, centres.to(query.dtype), float(reference))  # (B, S, V)
+            own = torch.arange(S, device=r.device) // (S // V)
+            q_extra = (q_extra[:, :, None, :] * w[..., None]).reshape(B, S, -1)
+            k_extra = (k_extra[:, :, None, :] * (own[:, None] == torch.arange(V, device=r.device))[None, :, :, None]
+                       .to(query.dtype)).reshape(B, S, -1)
+        extra = q_extra.shape[-1]
+        query = torch.cat([query, -lam * math.sqrt(head_dim) * q_extra[:, None].expand(B, heads, S, extra)], dim=-1)
+        key = torch.cat([key, k_extra[:, None].expand(B, heads, S, extra)], dim=-1)
         value = torch.cat([value, value.new_zeros(B, heads, S, extra)], dim=-1)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False,
                                              scale=1.0 / math.sqrt(head_dim))

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import ShapeError, ValueRangeError, check_shape, describe
 from .dit import ray_fourier_features, scene_vocabulary, timestep_features, timestep_vector
 from .prompt import PromptEncoder
-from .prope import PRoPEAttnProcessor, projective_matrices_from_rays
+from .prope import PRoPEAttnProcessor, camera_centres_from_rays, projective_matrices_from_rays
 from .ray_bias import EpipolarBiasAttnProcessor, unit_rays
 
 __all__ = ["MultiViewUNet"]
@@ -75,8 +75,9 @@ class MultiViewAttentionBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, ray_freqs: int, prope_blocks: int = 0,
-                 epipolar_gain_scale: float | None = None):
+                 epipolar_gain_scale: float | None = None, epipolar_reference: float | None = None):
         super().__init__()
+        self.epipolar_reference = epipolar_reference  # None: the bias is not normalised by the baseline
         self.norm1 = nn.LayerNorm(dim)
         self.ray_embed = nn.Sequential(nn.Linear(6 + 12 * ray_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.prope_blocks = int(prope_blocks)
@@ -94,15 +95,19 @@ class MultiViewAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
         self.ray_freqs = ray_freqs
 
-    def forward(self, x: torch.Tensor, rays: torch.Tensor, views: int, cameras: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (B*V, C, h, w)``, ``rays (B*V, 6, h, w)``, ``cameras (B, V, 4, 4)`` (with PRoPE) -> ``(B*V, C, h, w)``."""
+    def forward(self, x: torch.Tensor, rays: torch.Tensor, views: int, cameras: torch.Tensor | None = None,
+                centres: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (B*V, C, h, w)``, ``rays (B*V, 6, h, w)``, ``cameras (B, V, 4, 4)`` (with PRoPE), ``centres (B, V, 3)``
+        (with the normalised epipolar bias) -> ``(B*V, C, h, w)``."""
         BV, C, h, w = x.shape
         B = BV // views
         tok = x.permute(0, 2, 3, 1).reshape(B, views * h * w, C)
         r = rays.permute(0, 2, 3, 1).reshape(B, views * h * w, 6)
         a = self.norm1(tok) + self.ray_embed(ray_fourier_features(r, self.ray_freqs))
         if self.epipolar_gain is not None:
-            tok = tok + self.attn(a, rays=unit_rays(r), strength=self.epipolar_gain_scale * self.epipolar_gain)
+            normalised = {} if self.epipolar_reference is None else {"centres": centres, "reference": self.epipolar_reference}
+            tok = tok + self.attn(a, rays=unit_rays(r), strength=self.epipolar_gain_scale * self.epipolar_gain,
+                                  **normalised)
         elif self.prope_blocks:
             tok = tok + self.attn(a, cameras=cameras, views=views)
         else:
@@ -125,7 +130,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
     relative projective camera encoding of :mod:`corrlab.model.prope`), ``epipolar_bias`` (a learned per-head
     penalty on attention between tokens off each other's epipolar lines, :mod:`corrlab.model.ray_bias`),
     ``epipolar_gain_scale`` (its strength is ``epipolar_gain_scale * gain``, ``gain`` learned from 0: sets how fast
-    Adam can grow it); ``patch_size`` is 1 (rays are per pixel) and exists so
+    Adam can grow it), ``epipolar_normalise`` (divide the bias's ray product by ``|b x d|`` per token and other view,
+    so that it does not fade with the baseline ``b`` between two cameras, times ``epipolar_reference``: see
+    :func:`corrlab.model.ray_bias.baseline_normalisers`; False keeps the original bias); ``patch_size`` is 1 (rays are per pixel) and exists so
     that the pipeline and the probes read this model like :class:`MultiViewDiT`.
     Attention layers, in forward order: encoder levels (coarsening), the middle, decoder levels (refining);
     ``attention_grids(H, W)`` gives each one's token grid.
@@ -152,6 +159,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         relative_encoding: str = "none",
         epipolar_bias: bool = False,
         epipolar_gain_scale: float = 1000.0,
+        epipolar_normalise: bool = False,
+        epipolar_reference: float = 3.8,
     ):
         super().__init__()
         if relative_encoding not in ("none", "prope"):
@@ -160,6 +169,10 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             raise ShapeError(f"epipolar_bias: not combined with relative_encoding={relative_encoding!r}; expected 'none'")
         if not (isinstance(epipolar_gain_scale, (int, float)) and epipolar_gain_scale > 0):
             raise ValueRangeError(f"epipolar_gain_scale: expected a positive number, got {epipolar_gain_scale!r}")
+        if epipolar_normalise and not epipolar_bias:
+            raise ShapeError("epipolar_normalise: normalises the epipolar bias; expected together with epipolar_bias=True")
+        if not (isinstance(epipolar_reference, (int, float)) and epipolar_reference > 0):
+            raise ValueRangeError(f"epipolar_reference: expected a positive number, got {epipolar_reference!r}")
         if vocabulary is None:
             vocabulary = scene_vocabulary()
         self.register_to_config(vocabulary=list(vocabulary), channels=list(channels), attention_levels=list(attention_levels))
@@ -198,7 +211,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
 
         self.blocks = nn.ModuleList(
             [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv]),
-                                     float(epipolar_gain_scale) if epipolar_bias else None)
+                                     float(epipolar_gain_scale) if epipolar_bias else None,
+                                     float(epipolar_reference) if epipolar_normalise else None)
              for _, lv in plan]
         )
         self.norm_out = nn.GroupNorm(_groups(chans[0]), chans[0])
@@ -256,9 +270,11 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         flag = given.reshape(B * V, 1, 1, 1).to(dtype).expand(B * V, 1, H, W)
         rays = ray_embeds.to(dtype).reshape(B * V, 6, H, W)
         x = torch.cat([sample.to(dtype).reshape(B * V, c, H, W), flag, rays], dim=1)
-        cams = None
+        cams = centres = None
         if self.config.relative_encoding == "prope":
             cams = projective_matrices_from_rays(rays).reshape(B, V, 4, 4)
+        if getattr(self.config, "epipolar_normalise", False):
+            centres = camera_centres_from_rays(rays).reshape(B, V, 3).to(dtype)
         s = int(self.config.stem)
         if s > 1:
             x = F.pixel_unshuffle(x, s)
@@ -274,17 +290,17 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         for lv, (res, ds) in enumerate(zip(self.down, self.downsample)):
             x = res(x, cond)
             if lv in att_down:
-                x = self.blocks[att_down[lv]](x, ray_levels[lv], V, cams)
+                x = self.blocks[att_down[lv]](x, ray_levels[lv], V, cams, centres)
             skips.append(x)
             x = ds(x)
         x = self.mid(x, cond)
-        x = self.blocks[mid_i](x, ray_levels[-1], V, cams)
+        x = self.blocks[mid_i](x, ray_levels[-1], V, cams, centres)
         levels = len(self.config.channels)
         for j, (res, us) in enumerate(zip(self.up, self.upsample)):
             lv = levels - 1 - j
             x = res(torch.cat([x, skips[lv]], dim=1), cond)
             if lv in att_up:
-                x = self.blocks[att_up[lv]](x, ray_levels[lv], V, cams)
+                x = self.blocks[att_up[lv]](x, ray_levels[lv], V, cams, centres)
             if lv > 0:
                 x = us(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         x = self.conv_out(F.silu(self.norm_out(x)))
