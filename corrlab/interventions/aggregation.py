@@ -630,8 +630,7 @@ def _compiled_window_blend(att: MatchedAttention, options: AggregationOptions, o
     views = [_row_view(t) for t in tensors[:3]]
     window_attention(
         (*(rows for rows, _, _ in views), out_rows), (*((off, *st) for _, st, off in views), tuple(out_strides)),
-        att.q.shape[2], att.index, att.kept, att.grid,
-        (options.radius if options.window == "square" else 0, options.radius),
+        att.q.shape[2], att.index, att.kept, att.grid, (wr, options.radius),
         clamp=options.border == "clamp", scale=att.scale, eta=eta, scale_out=scale_out,
     )
     return True
@@ -816,29 +815,27 @@ class CorrAdapter:
                 index[b, i], kept[b, i] = m.index, m.kept
         return index, kept
 
+    def _cache_key(self, call: AttentionCall) -> tuple:
+        return (call.layer,) if self.config.shared_guidance_cache else (call.layer, self._slot)
+
+    def _refresh_now(self, call: AttentionCall, step: int, refresh_every: int) -> bool:
+        """Whether this call recomputes its layer's matches: nothing usable cached, or a refresh step."""
+        cached = self._cache.get(self._cache_key(call))
+        usable = cached is not None and cached.shape == tuple(call.q.shape) and cached.step <= step
+        return not usable or self._refresh_due(step, refresh_every)
+
     def _matches(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, step: int, refresh_every: int):
-        cfg = self.config
-        key = (call.layer,) if cfg.shared_guidance_cache else (call.layer, self._slot)
-        cached = self._cache.get(key)
-        shape = tuple(call.q.shape)
-        usable = cached is not None and cached.shape == shape and cached.step <= step
-        if usable and not self._refresh_due(step, refresh_every):
-            B = shape[0]
+        key, shape = self._cache_key(call), tuple(call.q.shape)
+        if not self._refresh_now(call, step, refresh_every):
+            cached, B = self._cache[key], shape[0]
             return cached.index.expand(B, *cached.index.shape[1:]), cached.kept.expand(B, *cached.kept.shape[1:])
         index, kept = self._match(q, k, call.layout, call.scale)
-        if cfg.shared_guidance_cache:  # the cache keeps the last batch entry's matches (release quirk)
+        if self.config.shared_guidance_cache:  # the cache keeps the last batch entry's matches (release quirk)
             self._cache[key] = _CachedMatches(step, shape, index[-1:].clone(), kept[-1:].clone())
         else:
             self._cache[key] = _CachedMatches(step, shape, index, kept)
         self.stats["matcher_refreshes"] += 1
         return index, kept
-
-    def _refresh_now(self, call: AttentionCall, step: int, refresh_every: int) -> bool:
-        """Whether this call recomputes its layer's matches (:meth:`_matches` would)."""
-        key = (call.layer,) if self.config.shared_guidance_cache else (call.layer, self._slot)
-        cached = self._cache.get(key)
-        usable = cached is not None and cached.shape == tuple(call.q.shape) and cached.step <= step
-        return not usable or self._refresh_due(step, refresh_every)
 
     def _fusable(self, call: AttentionCall, q: torch.Tensor) -> bool:
         cfg, m = self.config, self.config.matching
@@ -876,7 +873,7 @@ class CorrAdapter:
             index.append(idx[:, rows, targets].transpose(0, 1))
             kept.append(kp[:, rows, targets].transpose(0, 1))
         out, index, kept = torch.stack(outs), torch.stack(index), torch.stack(kept)
-        self._cache[(call.layer, self._slot)] = _CachedMatches(step, tuple(call.q.shape), index, kept)
+        self._cache[self._cache_key(call)] = _CachedMatches(step, tuple(call.q.shape), index, kept)
         self.stats["matcher_refreshes"] += 1
         self.stats["fused_refreshes"] += 1
         self.stats["calls"] += 1

@@ -67,6 +67,11 @@ def _sym_outer(r: torch.Tensor, weighted: bool = False) -> torch.Tensor:
     return out * _WEIGHTS.to(out) if weighted else out
 
 
+def view_one_hot(tokens: int, views: int, device=None) -> torch.Tensor:
+    """``(tokens, views)`` bool: which view each of ``tokens = views * T`` view-major tokens belongs to."""
+    return (torch.arange(tokens, device=device) // (tokens // views))[:, None] == torch.arange(views, device=device)
+
+
 def baseline_normalisers(rays: torch.Tensor, centres: torch.Tensor, reference: float) -> torch.Tensor:
     """Per token and view, the factor that turns ``p^2`` into ``(reference * sin phi)^2``.
 
@@ -84,13 +89,12 @@ def baseline_normalisers(rays: torch.Tensor, centres: torch.Tensor, reference: f
         view (whose tokens share its centre: ``p = 0``). The floor bounds the factor where ray ``i`` points at the
         other camera (its epipolar plane is undefined there, and ``p`` is 0 for every ``j``).
     """
-    B, S, _ = rays.shape
-    V = centres.shape[1]
-    own = torch.arange(S, device=rays.device) // (S // V)  # (S,) view of each token
-    base = centres[:, None, :, :] - centres[:, own][:, :, None, :]  # (B, S, V, 3)
+    S, V = rays.shape[1], centres.shape[1]
+    own = view_one_hot(S, V, rays.device)  # (S, V)
+    base = centres[:, None, :, :] - centres[:, own.nonzero()[:, 1]][:, :, None, :]  # (B, S, V, 3): o_u - o_i
     n = torch.linalg.cross(base, rays[..., None, :3].expand_as(base), dim=-1).norm(dim=-1)
     w = (reference / n.clamp_min(reference / 10)) ** 2
-    return w.masked_fill(own[:, None] == torch.arange(V, device=rays.device), 0.0)
+    return w.masked_fill(own, 0.0)
 
 
 class EpipolarBiasAttnProcessor:
@@ -127,10 +131,9 @@ class EpipolarBiasAttnProcessor:
         if centres is not None:
             V = centres.shape[1]
             w = baseline_normalisers(r, centres.to(query.dtype), float(reference))  # (B, S, V)
-            own = torch.arange(S, device=r.device) // (S // V)
             q_extra = (q_extra[:, :, None, :] * w[..., None]).reshape(B, S, -1)
-            k_extra = (k_extra[:, :, None, :] * (own[:, None] == torch.arange(V, device=r.device))[None, :, :, None]
-                       .to(query.dtype)).reshape(B, S, -1)
+            own = view_one_hot(S, V, r.device).to(query.dtype)  # k: non-zero only in the block of the token's view
+            k_extra = (k_extra[:, :, None, :] * own[None, :, :, None]).reshape(B, S, -1)
         extra = q_extra.shape[-1]
         query = torch.cat([query, -lam * math.sqrt(head_dim) * q_extra[:, None].expand(B, heads, S, extra)], dim=-1)
         key = torch.cat([key, k_extra[:, None].expand(B, heads, S, extra)], dim=-1)

@@ -307,24 +307,14 @@ void corrlab_window_attention(const float *q, const int64_t *qs, const float *k,
                             lane_ok[l] = (ch + l < W && cc >= 0 && cc < gw) ? -1 : 0;
                         }
                         v8i minus_inf = as_int(splat(-INFINITY)) & ~lane_ok;
-                        for (int64_t g = rlo; g <= rhi; g += 8) { /* up to 8 window rows: independent sums */
-                            int64_t ng = rhi - g + 1 < 8 ? rhi - g + 1 : 8;
-                            const float *col[8];
-                            v8f sum[8];
-                            for (int64_t r = 0; r < 8; r++) {
-                                col[r] = kTh + (g + (r < ng ? r : 0)) * gw + c0 - wc + ch;
-                                sum[r] = splat(0.0f);
-                            }
-                            for (int64_t kk = 0; kk < d; kk++) {
-                                v8f qv = splat(qp[kk]);
-                                for (int64_t r = 0; r < 8; r++) sum[r] += qv * load(col[r] + kk * NP);
-                            }
-                            for (int64_t r = 0; r < ng; r++) {
-                                int64_t base = (g + r) * gw + c0 - wc + ch;
-                                store(logit + used, as_float((as_int(sum[r] * splat(scale)) & lane_ok) | minus_inf));
-                                for (int l = 0; l < 8; l++) tok[used + l] = base + l; /* masked lanes: never read */
-                                used += 8;
-                            }
+                        for (int64_t rr = rlo; rr <= rhi; rr++) {
+                            int64_t base = rr * gw + c0 - wc + ch;
+                            const float *col = kTh + base;
+                            v8f sum = splat(0.0f);
+                            for (int64_t kk = 0; kk < d; kk++) sum += splat(qp[kk]) * load(col + kk * NP);
+                            store(logit + used, as_float((as_int(sum * splat(scale)) & lane_ok) | minus_inf));
+                            for (int l = 0; l < 8; l++) tok[used + l] = base + l; /* masked lanes: never read */
+                            used += 8;
                         }
                     }
                 } else { /* clamped entries repeat border keys: one dot product an entry */
