@@ -133,6 +133,18 @@ def precision_by_view_angle(df: pd.DataFrame, threshold: float = 2.0, edges=(0, 
     return g[["precision", "n_matches"]].unstack("method")
 
 
+def psnr_by_view_angle(rec: pd.DataFrame, edges=(0, 30, 60, 180)) -> pd.DataFrame:
+    """Mean PSNR per method and bucket of the generated view's angle to the reference (``reconstruction`` rows),
+    with the paired difference "generated - copy reference" over the same views and the number of views."""
+    wide = rec.pivot_table(index=["scene", "view", "view_angle"], columns="method", values="psnr").reset_index()
+    wide["generated - copy reference"] = wide["generated"] - wide["copy reference"]
+    wide["bucket"] = pd.cut(wide["view_angle"], list(edges))
+    cols = ["generated", "copy reference", "mean image", "generated - copy reference"]
+    out = wide.groupby("bucket", observed=True)[cols].mean().round(3)
+    out["n"] = wide.groupby("bucket", observed=True).size()
+    return out
+
+
 # ------------------------------------------------------------------------------------------ (b)
 def native_rows(models: dict, n_sets: int, timesteps, far_tokens: float, seed_start: int, size: int, patch: int,
                 layout: str = "train") -> pd.DataFrame:
@@ -207,8 +219,9 @@ def adherence(pipe, n: int, steps: int, guidance: float, seed_start: int, batch:
 
 # ------------------------------------------------------------------------------------------ (e)
 def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: float, seed_start: int,
-                     sheet: str | None, summary: dict, out: Path | None, layout: str = "train") -> None:
-    from corrlab.model.conditioned import native_hits, pool_hits, reconstruction
+                     sheet: str | None, summary: dict, out: Path | None, layout: str = "train",
+                     grid: str | None = None) -> None:
+    from corrlab.model.conditioned import at_grid, native_hits, pool_hits, reconstruction
 
     rec, sets = reconstruction(pipe, n_sets=n_sets, views=4, steps=steps, guidance=guidance,
                                seed_start=seed_start + 30_000, layout=layout, return_sets=True, progress=True)
@@ -225,6 +238,12 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
             print(f"  {metric}: generated - {control} = {m:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]")
         for method in ("generated", "copy reference", "mean image"):
             summary[f"cond_{metric}_{method.replace(' ', '_')}"] = round(float(wide[(metric, method)].mean()), 4)
+    by_angle = psnr_by_view_angle(rec)
+    print("(e) PSNR by the generated view's angle to the reference (degrees; mean over views, n views)")
+    print(by_angle.to_string())
+    for interval, r in by_angle.iterrows():
+        lo_deg, hi_deg = int(interval.left), int(interval.right)
+        summary[f"cond_psnr_gen_minus_copy_{lo_deg}_{hi_deg}deg"] = round(float(r["generated - copy reference"]), 3)
     frames = []
     for i, (truth, gen) in enumerate(sets):
         other = sets[(i + 1) % len(sets)][0].cameras
@@ -249,11 +268,10 @@ def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: flo
     ev = pool_hits(ev_rows)
     # the paper's protocol: correspondences of the highest-resolution multi-image layers (a coarse grid makes
     # "within 1 token" a larger pixel radius); among them the best is chosen on the selection scenes
-    finest = sel.grid.map(lambda g: int(g.split("x")[0]) * int(g.split("x")[1]))
-    far_sel = sel[(sel.subset == "far") & (sel.method == "native") & (finest == finest.max())]
+    far_sel = at_grid(sel[(sel.subset == "far") & (sel.method == "native")], grid)
     best = far_sel.loc[far_sel["share"].idxmax(), "layer"]
     far_ev = ev[ev.subset == "far"]
-    print(f"(e) native far-moving hits at t=0.5 (best finest-grid layer chosen on separate scenes: {best}; "
+    print(f"(e) native far-moving hits at t=0.5 (best {grid or 'finest'}-grid layer chosen on separate scenes: {best}; "
           f"controls per layer at that layer's grid)")
     print(far_ev.pivot_table(index=["method"], columns=["layer"], values="share", sort=False).round(3).to_string())
     pick = far_ev[far_ev.layer == best].set_index("method")["share"]
@@ -288,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layout", default="train", choices=LAYOUTS,
                     help="camera layout of the held-out scenes (the model trains on 'train')")
     ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "e"], help="parts to skip")
+    ap.add_argument("--grid", help="(e) the token grid of the native layers to choose from, e.g. 16x16 "
+                                   "(default: the finest)")
     args = ap.parse_args(argv)
     if args.seed_start < HELD_OUT_SEED_START:
         ap.error(f"--seed-start: expected a held-out seed >= {HELD_OUT_SEED_START}, got {args.seed_start}")
@@ -361,7 +381,7 @@ def main(argv=None) -> int:
 
     if "e" not in args.skip and pipe.supports_reference:
         conditioned_part(pipe, args.n_sets, args.n_native, args.steps, args.cond_guidance, args.seed_start,
-                         args.conditioned_sheet, summary, out, args.layout)
+                         args.conditioned_sheet, summary, out, args.layout, args.grid)
 
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

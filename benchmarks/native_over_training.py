@@ -4,7 +4,7 @@ The tracking figure ``corrlab train`` logs uses 8 scenes (about 150 far queries,
 saved EMA weights with the protocol of ``model_quality.py`` (e): image-conditioned 2-view scenes, view 0
 given clean, view 1 noised to t = 0.5; a view-1 object token's native match (the matcher's head-averaged
 softmax) is a hit when within 1 token of its true match in view 0; "far" = the true match moves >= 2 tokens.
-The best finest-grid (16 x 16) layer is chosen on the selection scenes (``--seed-start + 40000``) and
+The best finest-grid (16 x 16; ``--grid`` picks another) layer is chosen on the selection scenes (``--seed-start + 40000``) and
 reported on separate evaluation scenes (``+ 50000``), beside the camera-geometry-only guess, appearance
 NN and appearance NN along the true epipolar line (both on the same noisy input) at that grid. So: does training keep improving the native correspondences?
 
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from corrlab.io_utils import atomic_write_bytes
 from corrlab.model import load_default
-from corrlab.model.conditioned import native_hits, pool_hits
+from corrlab.model.conditioned import at_grid, native_hits, pool_hits
 from corrlab.model.train import HELD_OUT_SEED_START
 
 
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--t", type=float, default=0.5)
     ap.add_argument("--seed-start", type=int, default=HELD_OUT_SEED_START)
     ap.add_argument("--out", help="folder for native_over_training.csv")
+    ap.add_argument("--grid", help="the layers' token grid to choose from, e.g. 16x16 (default: the finest)")
     args = ap.parse_args(argv)
     if args.seed_start < HELD_OUT_SEED_START:
         ap.error(f"--seed-start: expected a held-out seed >= {HELD_OUT_SEED_START}, got {args.seed_start}")
@@ -75,8 +76,7 @@ def main(argv=None) -> int:
         buf = io.StringIO()
         df.to_csv(buf, index=False)
         atomic_write_bytes(Path(args.out) / "native_over_training.csv", buf.getvalue().encode())
-    cells = df.grid.map(lambda g: int(g.split("x")[0]) * int(g.split("x")[1]))
-    fine = df[cells == cells.max()]
+    fine = at_grid(df, args.grid)
     rows, key = [], {"n_native": args.n_native, "t": args.t}
     for (step, checkpoint), g in fine.groupby(["step", "checkpoint"], sort=True):
         sel = g[(g.split == "selection") & (g.method == "native")]
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         key[name] = round(float(row["native far (evaluation)"]), 4)
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
-    print(f"native far-moving hits within 1 token, t = {args.t}, finest-grid layers; best layer chosen on "
+    print(f"native far-moving hits within 1 token, t = {args.t}, {args.grid or 'finest'}-grid layers; best layer chosen on "
           f"{args.n_native} selection scenes, reported on {args.n_native} evaluation scenes")
     print(table.round(3).to_string(index=False))
     key["camera_geometry_only"] = round(float(table["camera geometry only"].iloc[0]), 4)

@@ -36,6 +36,19 @@ def test_pairs_are_bucketed_by_their_true_view_angle(model_quality):
     assert table.loc[low, ("n_matches", "generated")] == 8
 
 
+def test_psnr_by_view_angle_pairs_generated_and_copy_on_the_same_views(model_quality):
+    rows = []
+    for scene, view, angle, gen, copy in ((1, 1, 10.0, 20.0, 22.0), (1, 2, 100.0, 18.0, 12.0), (2, 1, 25.0, 21.0, 20.0)):
+        for method, value in (("generated", gen), ("copy reference", copy), ("mean image", 15.0)):
+            rows.append({"scene": scene, "view": view, "view_angle": angle, "method": method, "psnr": value})
+    table = model_quality.psnr_by_view_angle(pd.DataFrame(rows), edges=(0, 30, 180))
+    low, high = pd.Interval(0, 30), pd.Interval(30, 180)
+    assert table.loc[low, "generated - copy reference"] == pytest.approx(-0.5)  # (-2 + 1) / 2
+    assert table.loc[high, "generated - copy reference"] == pytest.approx(6.0)
+    assert table.loc[low, "n"] == 2 and table.loc[high, "n"] == 1
+    assert table.loc[low, "generated"] == pytest.approx(20.5)
+
+
 def test_epipolar_bias_scale_benchmark_shows_the_baseline_dependence(capsys):
     """benchmarks/epipolar_bias_scale.py on the shipped weights (a few camera sets): the bias's penalty for leaving
     the epipolar line grows with the view angle in the 'random' layout up to 60-120 degrees, and dividing by the

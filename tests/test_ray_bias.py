@@ -95,15 +95,19 @@ def test_zero_gains_keep_the_function_and_gains_change_it():
         MultiViewUNet(**TINY, epipolar_bias=True, relative_encoding="prope")
 
 
-def test_probe_reads_the_biased_attention_and_leaves_the_model_bit_identical():
-    m = tiny(epipolar_bias=True)
+@pytest.mark.parametrize("option, n_layers", [({}, 5), ({"channels": [8, 16, 16], "attention_levels": [1, 2],
+                                                            "decoder_attention_levels": [0],
+                                                            "decoder_attention_heads": 1}, 6)])
+def test_probe_reads_the_biased_attention_and_leaves_the_model_bit_identical(option, n_layers):
+    """Also with a decoder-only finer attention level (its block named last, ``blocks.5``)."""
+    m = tiny(epipolar_bias=True, **option)
     with torch.no_grad():
         for b in m.blocks:
             b.epipolar_gain.fill_(0.2)
     x, t, rays = random_inputs(1, 2, 16, 1, patch_size=1)
     pe = m.encode_prompt(["blue dotted sphere"])
     rec = probe_unet_bit_identical(m, x, t, pe, rays)
-    assert rec.layers == [f"blocks.{i}.attn" for i in range(5)]
+    assert rec.layers == [f"blocks.{i}.attn" for i in range(n_layers)]
 
 
 def test_init_from_shipped_weights_without_the_option_starts_the_gains_at_zero(tmp_path):

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CorrlabError
+from ..errors import CorrlabError, ValueRangeError
 from .native import (
     appearance_nn,
     chance_rate,
@@ -38,9 +38,10 @@ from .native import (
     pixel_to_index,
     token_queries,
 )
+from ..geometry.epipolar import relative_view_angle
 from .rays import token_centres
 
-__all__ = ["native_hits", "pool_hits", "reconstruction", "psnr", "ssim", "object_mask", "tracking_figures"]
+__all__ = ["native_hits", "pool_hits", "at_grid", "reconstruction", "psnr", "ssim", "object_mask", "tracking_figures"]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,6 +70,20 @@ def object_mask(img: torch.Tensor, background: torch.Tensor, tol: float = 0.08) 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     union = float((a | b).sum())
     return float("nan") if union == 0 else float((a & b).sum()) / union
+
+
+def at_grid(df: pd.DataFrame, grid: str | None = None) -> pd.DataFrame:
+    """The rows of a tidy table with a ``grid`` column (``"16x16"``) at one token grid: ``grid``, or the finest
+    grid present when None (the paper's protocol: the highest-resolution multi-image layers, since a coarse grid
+    makes "within 1 token" a larger pixel radius). A grid not in the table is an error naming the ones that are."""
+    grids = sorted(df.grid.unique(), key=lambda g: int(g.split("x")[0]) * int(g.split("x")[1]))
+    if grid is None:
+        if not grids:
+            raise ValueRangeError("grid: the table has no rows")
+        grid = grids[-1]
+    elif grid not in grids:
+        raise ValueRangeError(f"grid: expected one of the layers' grids {grids}, got {grid!r}")
+    return df[df.grid == grid]
 
 
 def native_hits(model, n_sets: int = 16, t: float = 0.5, far_tokens: float = 2.0, seed_start: int | None = None,
@@ -153,7 +168,8 @@ def pool_hits(df: pd.DataFrame) -> pd.DataFrame:
 def reconstruction(pipe, n_sets: int = 16, views: int = 4, steps: int = 20, guidance: float = 1.0,
                    seed_start: int | None = None, layout: str = "train", given=(0,), progress: bool = False,
                    return_sets: bool = False):
-    """Tidy rows ``(scene, view, method, psnr, ssim, iou)`` for generated views vs the rendered truth.
+    """Tidy rows ``(scene, view, view_angle, method, psnr, ssim, iou)`` for generated views vs the rendered truth
+    (``view_angle``: degrees between the view's and the first given view's optical axes).
 
     Methods: ``generated`` (views not in ``given`` generated from the given ones under the true cameras),
     ``copy reference`` (the first given view, unchanged), ``mean image`` (the mean target view of the other
@@ -185,10 +201,11 @@ def reconstruction(pipe, n_sets: int = 16, views: int = 4, steps: int = 20, guid
         for v in targets:
             gt = truth.images[v]
             gt_mask = truth.masks[v] if truth.masks is not None else object_mask(gt, bg)
+            angle = float(relative_view_angle(truth.cameras[given[0]], truth.cameras[v]))
             for method, img in (("generated", gen.images[v]), ("copy reference", truth.images[given[0]]),
                                 ("mean image", mean_img)):
-                rows.append(dict(scene=truth.seed, view=v, method=method, psnr=psnr(img, gt), ssim=ssim(img, gt),
-                                 iou=_iou(object_mask(img, bg), gt_mask)))
+                rows.append(dict(scene=truth.seed, view=v, view_angle=angle, method=method, psnr=psnr(img, gt),
+                                 ssim=ssim(img, gt), iou=_iou(object_mask(img, bg), gt_mask)))
     df = pd.DataFrame(rows)
     return (df, sets) if return_sets else df
 
@@ -206,8 +223,7 @@ def tracking_figures(model, config=None, n_sets: int = 8, sheet: str | os.PathLi
     for r in far[far.method == "native"].itertuples():
         out[f"{r.layer}/far"] = round(float(r.share), 4)
     # the finest-grid layers (the paper's protocol), with the controls at that grid
-    cells = far.grid.map(lambda g: int(g.split("x")[0]) * int(g.split("x")[1]))
-    fine = far[cells == cells.max()]
+    fine = at_grid(far)
     out["best_far"] = round(float(fine[fine.method == "native"].share.max()), 4)
     for method in ("chance", "camera geometry only", "appearance NN (noisy input)"):
         out[method] = round(float(fine[fine.method == method].share.iloc[0]), 4)

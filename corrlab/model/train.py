@@ -355,7 +355,9 @@ class Trainer:
             except RuntimeError as e:  # a parameter of another shape
                 raise CorrlabError(f"init_from: {str(d)!r} does not match the run's model: {e}") from None
             # parameters an option adds with a neutral start (MultiViewUNet(epipolar_bias=True): zero gains) may be absent
-            new = [k for k in missing if not k.endswith(ADDED_BY_OPTIONS)]
+            # and so may whole decoder-only blocks (MultiViewUNet(decoder_attention_levels=...)), which start neutral
+            added = tuple(f"{b}." for b in getattr(target, "decoder_only_blocks", lambda: [])())
+            new = [k for k in missing if not k.endswith(ADDED_BY_OPTIONS) and not k.startswith(added)]
             if new or unexpected:
                 raise CorrlabError(
                     f"init_from: {str(d)!r} does not match the run's model: missing {new[:4]}, unexpected {unexpected[:4]}"

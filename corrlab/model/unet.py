@@ -132,7 +132,10 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
     ``epipolar_gain_scale`` (its strength is ``epipolar_gain_scale * gain``, ``gain`` learned from 0: sets how fast
     Adam can grow it), ``epipolar_normalise`` (divide the bias's ray product by ``|b x d|`` per token and other view,
     so that it does not fade with the baseline ``b`` between two cameras, times ``epipolar_reference``: see
-    :func:`corrlab.model.ray_bias.baseline_normalisers`; False keeps the original bias); ``patch_size`` is 1 (rays are per pixel) and exists so
+    :func:`corrlab.model.ray_bias.baseline_normalisers`; False keeps the original bias), ``decoder_attention_levels``
+    (levels finer than every attention level that get multi-view attention in the decoder only, e.g. ``(0,)``:
+    appended after the other blocks, so their names do not change; they start neutral), ``decoder_attention_heads``
+    (their number of heads; default ``num_heads``: the epipolar bias costs 21 (21 V normalised) q/k channels per head); ``patch_size`` is 1 (rays are per pixel) and exists so
     that the pipeline and the probes read this model like :class:`MultiViewDiT`.
     Attention layers, in forward order: encoder levels (coarsening), the middle, decoder levels (refining);
     ``attention_grids(H, W)`` gives each one's token grid.
@@ -161,6 +164,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         epipolar_gain_scale: float = 1000.0,
         epipolar_normalise: bool = False,
         epipolar_reference: float = 3.8,
+        decoder_attention_levels: Sequence[int] = (),
+        decoder_attention_heads: int | None = None,
     ):
         super().__init__()
         if relative_encoding not in ("none", "prope"):
@@ -175,7 +180,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             raise ValueRangeError(f"epipolar_reference: expected a positive number, got {epipolar_reference!r}")
         if vocabulary is None:
             vocabulary = scene_vocabulary()
-        self.register_to_config(vocabulary=list(vocabulary), channels=list(channels), attention_levels=list(attention_levels))
+        self.register_to_config(vocabulary=list(vocabulary), channels=list(channels), attention_levels=list(attention_levels),
+                                decoder_attention_levels=list(decoder_attention_levels))
         if patch_size != 1:
             raise ShapeError(f"patch_size: MultiViewUNet takes per-pixel rays, expected 1, got {patch_size}")
         chans = list(channels)
@@ -183,6 +189,12 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         att = sorted(set(int(a) for a in attention_levels))
         if any(a < 0 or a >= levels for a in att):
             raise ShapeError(f"attention_levels: expected indices in [0, {levels}), got {attention_levels}")
+        dec = sorted(set(int(a) for a in decoder_attention_levels))
+        if any(a < 0 or a >= levels or a in att for a in dec):
+            raise ShapeError(
+                f"decoder_attention_levels: expected indices in [0, {levels}) not in attention_levels {att}, "
+                f"got {list(decoder_attention_levels)}"
+            )
         cond_dim = 4 * chans[0]
         self.prompt_encoder = PromptEncoder(list(vocabulary), prompt_dim)
         self.time_embed = nn.Sequential(nn.Linear(chans[0], cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
@@ -204,23 +216,46 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             self.up.append(ResBlock(2 * c, c, cond_dim))  # upsampled (or middle) features + skip
             self.upsample.append(nn.Conv2d(c, chans[i - 1], 3, padding=1) if i > 0 else nn.Identity())
         # attention blocks in forward order: encoder (levels ascending), middle, decoder (descending)
+        # decoder-only levels (``decoder_attention_levels``) come after the others: they are finer than every
+        # attention level (checked below), so forward order holds and the existing blocks keep their names
+        if dec and att and max(dec) >= min(att):
+            raise ShapeError(f"decoder_attention_levels: expected levels finer than attention_levels {att}, got {dec}")
         plan: list[tuple[str, int]] = [("down", a) for a in att] + [("mid", levels - 1)] + [("up", a) for a in reversed(att)]
+        plan += [("up", a) for a in reversed(dec)]
         self._attention_plan = plan
-        def prope_blocks(dim: int) -> int:
-            return (dim // num_heads) // 8 if relative_encoding == "prope" else 0
+        self._decoder_only = dec_blocks = {i for i, (_, lv) in enumerate(plan) if lv in dec}
+        def prope_blocks(dim: int, heads: int) -> int:
+            return (dim // heads) // 8 if relative_encoding == "prope" else 0
 
+        if decoder_attention_heads is not None and not (
+                isinstance(decoder_attention_heads, int) and decoder_attention_heads > 0
+                and all(chans[lv] % decoder_attention_heads == 0 for lv in dec)):
+            raise ShapeError(f"decoder_attention_heads: expected a positive number of heads dividing the widths "
+                             f"{[chans[lv] for lv in dec]}, got {decoder_attention_heads!r}")
+        heads = [decoder_attention_heads if (i in dec_blocks and decoder_attention_heads) else num_heads
+                 for i in range(len(plan))]
         self.blocks = nn.ModuleList(
-            [MultiViewAttentionBlock(chans[lv], num_heads, ray_freqs, prope_blocks(chans[lv]),
+            [MultiViewAttentionBlock(chans[lv], heads[i], ray_freqs, prope_blocks(chans[lv], heads[i]),
                                      float(epipolar_gain_scale) if epipolar_bias else None,
                                      float(epipolar_reference) if epipolar_normalise else None)
-             for _, lv in plan]
+             for i, (_, lv) in enumerate(plan)]
         )
+        for i in self._decoder_only:  # a neutral start: the block adds nothing until trained
+            block = self.blocks[i]
+            for lin in (block.attn.to_out[0], block.mlp[-1]):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
         self.norm_out = nn.GroupNorm(_groups(chans[0]), chans[0])
         self.conv_out = nn.Conv2d(chans[0], in_channels * stem * stem, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     # ---------------------------------------------------------------- helpers
+    def decoder_only_blocks(self) -> list[str]:
+        """Names (``"blocks.{i}"``) of the decoder-only attention blocks (``decoder_attention_levels``): they start
+        neutral (zero output projections), so weights trained without them load with these at their start."""
+        return [f"blocks.{i}" for i in sorted(self._decoder_only)]
+
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         """``B`` prompts -> ``(B, D)`` (mean of word embeddings; linear in them)."""
         return self.prompt_encoder(prompts)
