@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CorrlabError, ValueRangeError
+from ..geometry.epipolar import relative_view_angle
 from .native import (
     appearance_nn,
     chance_rate,
@@ -38,7 +39,6 @@ from .native import (
     pixel_to_index,
     token_queries,
 )
-from ..geometry.epipolar import relative_view_angle
 from .rays import token_centres
 
 __all__ = ["native_hits", "pool_hits", "at_grid", "reconstruction", "psnr", "ssim", "object_mask", "tracking_figures"]

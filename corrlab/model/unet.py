@@ -195,6 +195,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
                 f"decoder_attention_levels: expected indices in [0, {levels}) not in attention_levels {att}, "
                 f"got {list(decoder_attention_levels)}"
             )
+        if dec and att and max(dec) >= min(att):  # so they come last in forward order and no block is renamed
+            raise ShapeError(f"decoder_attention_levels: expected levels finer than attention_levels {att}, got {dec}")
         cond_dim = 4 * chans[0]
         self.prompt_encoder = PromptEncoder(list(vocabulary), prompt_dim)
         self.time_embed = nn.Sequential(nn.Linear(chans[0], cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
@@ -216,10 +218,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             self.up.append(ResBlock(2 * c, c, cond_dim))  # upsampled (or middle) features + skip
             self.upsample.append(nn.Conv2d(c, chans[i - 1], 3, padding=1) if i > 0 else nn.Identity())
         # attention blocks in forward order: encoder (levels ascending), middle, decoder (descending)
-        # decoder-only levels (``decoder_attention_levels``) come after the others: they are finer than every
-        # attention level (checked below), so forward order holds and the existing blocks keep their names
-        if dec and att and max(dec) >= min(att):
-            raise ShapeError(f"decoder_attention_levels: expected levels finer than attention_levels {att}, got {dec}")
+        # decoder-only levels (``decoder_attention_levels``, finer than every attention level) come after the others
         plan: list[tuple[str, int]] = [("down", a) for a in att] + [("mid", levels - 1)] + [("up", a) for a in reversed(att)]
         plan += [("up", a) for a in reversed(dec)]
         self._attention_plan = plan
