@@ -95,3 +95,44 @@ def test_at_grid_picks_the_finest_or_the_named_grid():
     assert list(at_grid(df, "16x16").layer) == ["blocks.4.attn"]
     with pytest.raises(ValueRangeError, match=r"grid: expected one of .*'64x64'"):
         at_grid(df, "64x64")
+
+
+def test_seed_epipolar_gain_script_starts_the_new_block_with_the_learned_prior(tmp_path):
+    """scripts/seed_epipolar_gain.py: the new block's gains take the source block's largest, every other weight
+    is the shipped one, the function is unchanged (the block's output is still zero; float32 rounding: 1e-6),
+    and the folder is what ``Trainer.init_from`` takes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "seed_epipolar_gain", Path(__file__).resolve().parents[1] / "scripts" / "seed_epipolar_gain.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    plain = model()
+    with torch.no_grad():
+        plain.blocks[4].epipolar_gain.copy_(torch.tensor([0.01, 0.07]))
+    base = tmp_path / "base"
+    CorrlabPipeline(plain).save_pretrained(base)
+    (base / "checkpoint.json").write_text(json.dumps({"step": 7, "wall_s": 1.0, "cpu_s": 2.0}))
+    cfg = TrainConfig(arch="unet", model={**BASE, "decoder_attention_levels": [0]}, image_size=16, views=[2],
+                      view_probs=[1.0], views_per_batch=2, steps=9, threads=1, eval_every=0, checkpoint_every=1)
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps(cfg.to_dict()))
+    out = script.seed_epipolar_gain(base, cfg_path, tmp_path / "init")
+    seeded = MultiViewUNet.from_pretrained(out / "model")
+    torch.testing.assert_close(seeded.blocks[5].epipolar_gain.detach(), torch.full((2,), 0.07))
+    state, shipped = seeded.state_dict(), plain.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in shipped.items())
+    x, t, rays = random_inputs(1, 3, 16, 0, patch_size=1)
+    pe = plain.encode_prompt(["red striped box"])
+    with torch.no_grad():
+        torch.testing.assert_close(seeded.eval()(x, t, pe, rays), plain(x, t, pe, rays), atol=1e-6, rtol=0)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.init_from(out)
+    assert trainer.step == 7
+    torch.testing.assert_close(trainer.model.blocks[5].epipolar_gain.detach(), torch.full((2,), 0.07))
+    with pytest.raises(CorrlabError, match=r"target: 'blocks.9' has no epipolar_gain; expected one of"):
+        script.seed_epipolar_gain(base, cfg_path, tmp_path / "bad", target="blocks.9")
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,80 @@
+"""Write an init folder for ``corrlab train --init-from`` whose new attention block starts with a learned epipolar prior.
+
+    python scripts/seed_epipolar_gain.py --weights data/corrlab-mvunet-s \
+        --config configs/mvunet_s_fine_attention_gain_init.json --out RUN_INIT [--target blocks.5 --source blocks.4]
+
+The weights are loaded into the model the train config describes (blocks that config adds, e.g.
+``decoder_attention_levels``, start neutral, exactly as ``Trainer.init_from`` would leave them); then every head
+of the target block's ``epipolar_gain`` is set to the LARGEST gain of the source block (the shipped weights:
+``blocks.4`` head 0, 0.0705, i.e. ``lambda`` = 70.5 at scale 1000). The target block's output projections are
+still zero, so the folder computes the same function as the weights it came from; training then starts the new
+level with the epipolar prior the model learned elsewhere instead of growing it from 0. The folder is a
+:class:`~corrlab.model.CorrlabPipeline` with the weights' ``checkpoint.json`` (step, CPU seconds), written
+atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def seed_epipolar_gain(weights: str | Path, config: str | Path, out: str | Path,
+                       target: str = "blocks.5", source: str = "blocks.4") -> Path:
+    """Write ``out`` (see the module docstring); returns its path."""
+    import torch
+
+    from corrlab.errors import CorrlabError
+    from corrlab.model.pipeline import CorrlabPipeline
+    from corrlab.model.train import ARCHITECTURES, TrainConfig
+
+    cfg = TrainConfig.from_json(config)
+    cls = ARCHITECTURES[cfg.arch]
+    weights = Path(weights)
+    sub = weights / "model"
+    if not (sub / "config.json").is_file():
+        raise CorrlabError(f"weights: expected a model folder with model/config.json, got {str(weights)!r}")
+    base = cls.from_pretrained(sub, low_cpu_mem_usage=False)
+    torch.manual_seed(cfg.seed)  # as Trainer does: the new block's random weights are the run's own
+    model = cls(**cfg.model)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    added = tuple(f"{b}." for b in model.decoder_only_blocks()) if hasattr(model, "decoder_only_blocks") else ()
+    if unexpected or any(not k.startswith(added) for k in missing):
+        raise CorrlabError(f"weights: {str(weights)!r} does not match the config's model: missing "
+                           f"{[k for k in missing if not k.startswith(added)][:4]}, unexpected {unexpected[:4]}")
+    params = dict(model.named_parameters())
+    for name in (target, source):
+        if params.get(f"{name}.epipolar_gain") is None:
+            blocks = sorted(k.rsplit(".", 1)[0] for k in params if k.endswith(".epipolar_gain"))
+            raise CorrlabError(f"{'target' if name == target else 'source'}: {name!r} has no epipolar_gain; "
+                               f"expected one of {blocks}")
+    with torch.no_grad():
+        params[f"{target}.epipolar_gain"].fill_(float(params[f"{source}.epipolar_gain"].max()))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    CorrlabPipeline(model).save_pretrained(tmp)
+    if (weights / "checkpoint.json").is_file():
+        shutil.copy(weights / "checkpoint.json", tmp / "checkpoint.json")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", required=True, help="a pipeline folder (e.g. data/corrlab-mvunet-s)")
+    p.add_argument("--config", required=True, help="the train config whose model the folder is for")
+    p.add_argument("--out", required=True, help="the init folder to write")
+    p.add_argument("--target", default="blocks.5", help="the block whose gains are seeded")
+    p.add_argument("--source", default="blocks.4", help="the block whose largest gain seeds them")
+    args = p.parse_args(argv)
+    print(seed_epipolar_gain(args.weights, args.config, args.out, args.target, args.source))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
