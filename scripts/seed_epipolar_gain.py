@@ -3,8 +3,8 @@
     python scripts/seed_epipolar_gain.py --weights data/corrlab-mvunet-s \
         --config configs/mvunet_s_fine_attention_gain_init.json --out RUN_INIT [--target blocks.5 --source blocks.4]
 
-The weights are loaded into the model the train config describes (blocks that config adds, e.g.
-``decoder_attention_levels``, start neutral, exactly as ``Trainer.init_from`` would leave them); then every head
+The weights are loaded into the model the train config describes by ``Trainer.init_from`` (blocks that config
+adds, e.g. ``decoder_attention_levels``, start neutral); then every head
 of the target block's ``epipolar_gain`` is set to the LARGEST gain of the source block (the shipped weights:
 ``blocks.4`` head 0, 0.0705, i.e. ``lambda`` = 70.5 at scale 1000). The target block's output projections are
 still zero, so the folder computes the same function as the weights it came from; training then starts the new
@@ -28,22 +28,13 @@ def seed_epipolar_gain(weights: str | Path, config: str | Path, out: str | Path,
 
     from corrlab.errors import CorrlabError
     from corrlab.model.pipeline import CorrlabPipeline
-    from corrlab.model.train import ARCHITECTURES, TrainConfig
+    from corrlab.model.train import TrainConfig, Trainer
 
-    cfg = TrainConfig.from_json(config)
-    cls = ARCHITECTURES[cfg.arch]
     weights = Path(weights)
-    sub = weights / "model"
-    if not (sub / "config.json").is_file():
-        raise CorrlabError(f"weights: expected a model folder with model/config.json, got {str(weights)!r}")
-    base = cls.from_pretrained(sub, low_cpu_mem_usage=False)
-    torch.manual_seed(cfg.seed)  # as Trainer does: the new block's random weights are the run's own
-    model = cls(**cfg.model)
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    added = tuple(f"{b}." for b in model.decoder_only_blocks()) if hasattr(model, "decoder_only_blocks") else ()
-    if unexpected or any(not k.startswith(added) for k in missing):
-        raise CorrlabError(f"weights: {str(weights)!r} does not match the config's model: missing "
-                           f"{[k for k in missing if not k.startswith(added)][:4]}, unexpected {unexpected[:4]}")
+    # the run's own model (seeded as a run seeds it) with the weights loaded and checked as --init-from does
+    trainer = Trainer(TrainConfig.from_json(config), out)  # only init_from is used: nothing is written there
+    trainer.init_from(weights)
+    model = trainer.model
     params = dict(model.named_parameters())
     for name in (target, source):
         if params.get(f"{name}.epipolar_gain") is None:
