@@ -10,14 +10,12 @@ of the target block's ``epipolar_gain`` is set to the LARGEST gain of the source
 still zero, so the folder computes the same function as the weights it came from; training then starts the new
 level with the epipolar prior the model learned elsewhere instead of growing it from 0. The folder is a
 :class:`~corrlab.model.CorrlabPipeline` with the weights' ``checkpoint.json`` (step, CPU seconds), written
-atomically.
+atomically (``corrlab.model.train.write_pipeline_folder``, as ``export_pipeline`` writes).
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -27,8 +25,7 @@ def seed_epipolar_gain(weights: str | Path, config: str | Path, out: str | Path,
     import torch
 
     from corrlab.errors import CorrlabError
-    from corrlab.model.pipeline import CorrlabPipeline
-    from corrlab.model.train import TrainConfig, Trainer
+    from corrlab.model.train import TrainConfig, Trainer, write_pipeline_folder
 
     weights = Path(weights)
     # the run's own model (seeded as a run seeds it) with the weights loaded and checked as --init-from does
@@ -43,16 +40,8 @@ def seed_epipolar_gain(weights: str | Path, config: str | Path, out: str | Path,
                                f"expected one of {blocks}")
     with torch.no_grad():
         params[f"{target}.epipolar_gain"].fill_(float(params[f"{source}.epipolar_gain"].max()))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    CorrlabPipeline(model).save_pretrained(tmp)
-    if (weights / "checkpoint.json").is_file():
-        shutil.copy(weights / "checkpoint.json", tmp / "checkpoint.json")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
+    info = weights / "checkpoint.json"
+    return write_pipeline_folder(model, out, {info.name: info.read_text()} if info.is_file() else {}, keep=())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ ARCHITECTURES = {"dit": MultiViewDiT, "unet": MultiViewUNet}
 
 __all__ = [
     "TrainConfig", "Trainer", "render_batch", "flow_matching_loss", "sample_timesteps", "sample_given",
-    "export_pipeline", "HELD_OUT_SEED_START", "ARCHITECTURES",
+    "export_pipeline", "write_pipeline_folder", "HELD_OUT_SEED_START", "ARCHITECTURES",
 ]
 
 #: Scene seeds >= this are never used for training: they are reserved for evaluation.
@@ -457,30 +457,43 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, which
     ``checkpoint`` is ``RUN/checkpoints/step_XXXXXXX``; the run's config.json is copied to
     ``out/train_config.json`` when found. The folder is assembled in a temporary sibling and renamed.
     """
-    from .pipeline import MODEL_CLASSES, CorrlabPipeline
+    from .pipeline import MODEL_CLASSES
 
     ck = Path(checkpoint)
     if which not in ("ema", "model") or not (ck / which / "config.json").is_file():
         raise CorrlabError(f"checkpoint: expected a folder with {which}/config.json, got {str(ck)!r} (which={which!r})")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     arch = json.loads((ck / which / "config.json").read_text()).get("_class_name", "MultiViewDiT")
     if arch not in MODEL_CLASSES:
         raise CorrlabError(f"checkpoint: {str(ck / which)!r} holds a {arch!r}; expected one of {sorted(MODEL_CLASSES)}")
     model = MODEL_CLASSES[arch].from_pretrained(ck / which, low_cpu_mem_usage=False)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    CorrlabPipeline(model).save_pretrained(tmp)
+    extra = {"checkpoint.json": json.dumps({"checkpoint": str(ck), "weights": which,
+                                            **json.loads((ck / "state.json").read_text())}, indent=2)}
     run_config = ck.parent.parent / "config.json"
     if run_config.is_file():
-        shutil.copy(run_config, tmp / "train_config.json")
-    state = json.loads((ck / "state.json").read_text())
-    (tmp / "checkpoint.json").write_text(json.dumps({"checkpoint": str(ck), "weights": which, **state}, indent=2))
+        extra["train_config.json"] = run_config.read_text()
+    return write_pipeline_folder(model, out, extra)
+
+
+def write_pipeline_folder(model, out: str | os.PathLike, extra: dict[str, str] | None = None,
+                          keep: tuple[str, ...] = ("README.md", "samples.png", "quality.json", "training_curve.json")
+                          ) -> Path:
+    """Write ``model`` as a :class:`CorrlabPipeline` folder at ``out``, atomically: assembled in a temporary
+    sibling with the ``extra`` text files (name -> text) and world-readable files, the ``keep`` files of an
+    existing ``out`` carried over (a model card stays with re-exported weights), then renamed into place."""
+    from .pipeline import CorrlabPipeline
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    CorrlabPipeline(model).save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700 folders: shipped files are world-readable
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     if out.exists():
-        for keep in ("README.md", "samples.png", "quality.json", "training_curve.json"):
-            if (out / keep).exists() and not (tmp / keep).exists():
-                shutil.copy(out / keep, tmp / keep)
+        for name in keep:
+            if (out / name).exists() and not (tmp / name).exists():
+                shutil.copy(out / name, tmp / name)
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
