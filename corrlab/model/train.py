@@ -35,7 +35,7 @@ from .unet import MultiViewUNet
 
 #: Parameter-name endings that ``Trainer.init_from`` may leave at their initial value: parameters an option
 #: adds to a shipped model with a neutral start.
-ADDED_BY_OPTIONS = ("epipolar_gain",)
+ADDED_BY_OPTIONS = ("epipolar_gain", "conv_in_reference.weight", "conv_in_reference.bias")
 
 #: The embedded model's architectures, by the name ``TrainConfig.arch`` uses.
 ARCHITECTURES = {"dit": MultiViewDiT, "unet": MultiViewUNet}

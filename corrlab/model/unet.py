@@ -14,7 +14,10 @@ position embedding is shared across views: position reaches attention only throu
 
 Reference views (CAT3D / Zero123++ style): ``given (B, V)`` bool marks views whose input is the clean image
 (no noise); a learned flag channel tells the network which they are. Their velocity output is ignored by the
-pipeline and by the loss.
+pipeline and by the loss. With ``reference_concat=True`` every view's input also carries its nearest given
+view (image, a "has a reference" flag, that view's ray map; :func:`nearest_reference_input`) through a zero-initialised
+convolution added to the stem (Zero123-style concatenation), so convolutions can carry the reference's pixels
+to close views directly; weights trained without it load with the same function.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from .prompt import PromptEncoder
 from .prope import PRoPEAttnProcessor, camera_centres_from_rays, projective_matrices_from_rays
 from .ray_bias import EpipolarBiasAttnProcessor, unit_rays
 
-__all__ = ["MultiViewUNet"]
+__all__ = ["MultiViewUNet", "nearest_reference_input"]
 
 
 def _groups(c: int) -> int:
@@ -42,6 +45,35 @@ def _groups(c: int) -> int:
         if c % g == 0:
             return g
     return 1
+
+
+def nearest_reference_input(sample: torch.Tensor, rays: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """Each view's nearest given view, as extra input channels.
+
+    ``sample (B, V, C, H, W)``, ``rays (B, V, 6, H, W)`` per-pixel Plücker rays, ``given (B, V)`` bool ->
+    ``(B, V, C + 1 + 6, H, W)``: the image of the given view whose camera centre is nearest to the view's own (a
+    given view's is itself; distances equal to 1e-6 go to the lower index), a channel of ones, and that view's ray map; all zeros for
+    a set without a given view. Camera centres come from the ray maps (:func:`camera_centres_from_rays`, exact for
+    pinhole cameras) on a subsampled pixel grid.
+    """
+    if sample.ndim != 5:
+        raise ShapeError(f"sample: expected shape (B, V, C, H, W), got {describe(sample)}")
+    B, V, C, H, W = sample.shape
+    check_shape("rays", rays, (B, V, 6, H, W), expected=f"({B}, {V}, 6, {H}, {W}) per-pixel rays")
+    check_shape("given", given, (B, V))
+    out = sample.new_zeros(B, V, C + 7, H, W)
+    has = given.to(torch.bool).any(dim=1)
+    if not bool(has.any()):
+        return out
+    step = max(1, min(H, W) // 8)
+    centres = camera_centres_from_rays(rays[:, :, :, ::step, ::step].reshape(B * V, 6, -1, 1)).reshape(B, V, 3)
+    dist = torch.round(torch.cdist(centres, centres) * 1e6)  # micro-units: equal distances tie despite rounding
+    idx = dist.masked_fill(~given.to(torch.bool)[:, None, :], float("inf")).argmin(dim=2)  # (B, V): first of equals
+    b = torch.arange(B, device=sample.device)[:, None]
+    ones = sample.new_ones(B, V, 1, H, W)
+    ref = torch.cat([sample[b, idx], ones, rays.to(sample.dtype)[b, idx]], dim=2)
+    out[has] = ref[has]
+    return out
 
 
 class ResBlock(nn.Module):
@@ -135,7 +167,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
     :func:`corrlab.model.ray_bias.baseline_normalisers`; False keeps the original bias), ``decoder_attention_levels``
     (levels finer than every attention level that get multi-view attention in the decoder only, e.g. ``(0,)``:
     appended after the other blocks, so their names do not change; they start neutral), ``decoder_attention_heads``
-    (their number of heads; default ``num_heads``: the epipolar bias costs 21 (21 V normalised) q/k channels per head); ``patch_size`` is 1 (rays are per pixel) and exists so
+    (their number of heads; default ``num_heads``: the epipolar bias costs 21 (21 V normalised) q/k channels per head),
+    ``reference_concat`` (each view's input also carries its nearest given view, :func:`nearest_reference_input`,
+    through ``conv_in_reference``, zero-initialised: neutral at the start); ``patch_size`` is 1 (rays are per pixel) and exists so
     that the pipeline and the probes read this model like :class:`MultiViewDiT`.
     Attention layers, in forward order: encoder levels (coarsening), the middle, decoder levels (refining);
     ``attention_grids(H, W)`` gives each one's token grid.
@@ -166,6 +200,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         epipolar_reference: float = 3.8,
         decoder_attention_levels: Sequence[int] = (),
         decoder_attention_heads: int | None = None,
+        reference_concat: bool = False,
     ):
         super().__init__()
         if relative_encoding not in ("none", "prope"):
@@ -204,6 +239,12 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         # input: image (3) + given flag (1) + ray map (6), pixel-unshuffled by ``stem`` (a patchifying stem)
         self.conv_in = nn.Conv2d((in_channels + 1 + 6) * stem * stem, chans[0], 3, padding=1)
         self.given_embed = nn.Parameter(torch.zeros(2, chans[0]))
+        if not isinstance(reference_concat, bool):
+            raise ValueRangeError(f"reference_concat: expected True or False, got {reference_concat!r}")
+        if reference_concat:  # the nearest given view's image, flag and rays, added to the stem; neutral start
+            self.conv_in_reference = nn.Conv2d((in_channels + 1 + 6) * stem * stem, chans[0], 3, padding=1)
+            nn.init.zeros_(self.conv_in_reference.weight)
+            nn.init.zeros_(self.conv_in_reference.bias)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         for i, c in enumerate(chans):
@@ -314,6 +355,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             x = F.pixel_unshuffle(x, s)
             rays = F.avg_pool2d(rays, s)
         x = self.conv_in(x) + self.given_embed[given.reshape(-1).long()][:, :, None, None]
+        if getattr(self.config, "reference_concat", False):
+            r = nearest_reference_input(sample.to(dtype), ray_embeds.to(dtype), given).reshape(B * V, c + 7, H, W)
+            x = x + self.conv_in_reference(F.pixel_unshuffle(r, s) if s > 1 else r)
         ray_levels = [rays]
         for _ in range(len(self.config.channels) - 1):
             ray_levels.append(F.avg_pool2d(ray_levels[-1], 2))

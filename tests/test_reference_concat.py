@@ -1,0 +1,82 @@
+"""``MultiViewUNet(reference_concat=True)``: each view's input also carries its nearest given view."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corrlab.errors import ShapeError, ValueRangeError
+from corrlab.model import CorrlabPipeline, MultiViewUNet
+from corrlab.model.rays import plucker_ray_embeds
+from corrlab.model.train import TrainConfig, Trainer
+from corrlab.model.unet import nearest_reference_input
+from corrlab.scenes.cameras import sample_cameras
+from model_helpers import perturbed, random_inputs
+
+BASE = dict(sample_size=16, channels=[8, 16, 16], attention_levels=[1, 2], stem=2, num_heads=2, prompt_dim=8,
+            ray_freqs=2, epipolar_bias=True)
+
+
+def model(seed: int = 0, perturb: bool = True, **config) -> MultiViewUNet:
+    torch.manual_seed(seed)
+    m = MultiViewUNet(**{**BASE, **config})
+    return perturbed(m) if perturb else m.eval()
+
+
+@pytest.mark.parametrize("layout", ["train", "random"])
+def test_nearest_reference_input_takes_the_given_view_with_the_nearest_camera(layout):
+    V, S = 5, 16
+    sets = [sample_cameras(seed, V, S, layout) for seed in (3, 4)]
+    rays = torch.stack([plucker_ray_embeds(cams, S, 1) for cams in sets])
+    x = torch.randn(2, V, 3, S, S, generator=torch.Generator().manual_seed(0))
+    given = torch.tensor([[False, True, False, True, False], [False] * V])
+    out = nearest_reference_input(x, rays, given)
+    assert out.shape == (2, V, 10, S, S)
+    centres = torch.stack([c.center.to(torch.float64) for c in sets[0]])
+    for v in range(V):
+        d = {g: float((centres[v] - centres[g]).norm()) for g in (1, 3)}
+        ref = 1 if d[1] <= d[3] + 1e-7 else 3  # equal distances (evenly spaced cameras) go to the lower index
+        assert torch.equal(out[0, v, :3], x[0, ref]), (v, d)
+        assert torch.equal(out[0, v, 3], torch.ones(S, S))
+        assert torch.equal(out[0, v, 4:], rays[0, ref])
+    assert torch.equal(out[0, 1, :3], x[0, 1]) and torch.equal(out[0, 3, :3], x[0, 3])  # a given view: itself
+    assert float(out[1].abs().max()) == 0.0  # no given view in the set: zeros
+    with pytest.raises(ShapeError, match="given"):
+        nearest_reference_input(x, rays, given[:, :3])
+    with pytest.raises(ShapeError, match="rays"):
+        nearest_reference_input(x, rays[:, :, :3], given)
+
+
+def test_reference_concat_starts_neutral_and_then_reads_the_reference():
+    """Weights of a model without the option load into one with it and compute the same output (the new convolution
+    adds exact zeros: tolerance 1e-6 for float32 rounding); once its weights are non-zero the generated views'
+    output depends on the nearest reference's pixels through it, and sets without references are unchanged."""
+    plain = model()
+    refcat = model(seed=1, perturb=False, reference_concat=True)
+    missing, unexpected = refcat.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["conv_in_reference.bias", "conv_in_reference.weight"]
+    x, t, rays = random_inputs(1, 3, 16, 0, patch_size=1)
+    pe = plain.encode_prompt(["red striped box"])
+    given = torch.tensor([[True, False, False]])
+    with torch.no_grad():
+        torch.testing.assert_close(refcat(x, t, pe, rays, given), plain(x, t, pe, rays, given), atol=1e-6, rtol=0)
+        refcat.conv_in_reference.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(refcat(x, t, pe, rays), plain(x, t, pe, rays), atol=1e-6, rtol=0)
+        assert (refcat(x, t, pe, rays, given) - plain(x, t, pe, rays, given)).abs().max() > 1e-3
+    with pytest.raises(ValueRangeError, match="reference_concat: expected True or False, got 'yes'"):
+        model(reference_concat="yes")
+
+
+def test_init_from_weights_without_reference_concat(tmp_path):
+    base = tmp_path / "base"
+    CorrlabPipeline(model()).save_pretrained(base)
+    cfg = TrainConfig(arch="unet", model={**BASE, "reference_concat": True}, image_size=16, views=[2],
+                      view_probs=[1.0], views_per_batch=2, reference_probs=[0.0, 1.0], steps=1, threads=1,
+                      eval_every=0, checkpoint_every=1)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.init_from(base)
+    shipped = MultiViewUNet.from_pretrained(base / "model").state_dict()
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in shipped.items())
+    assert float(trainer.model.conv_in_reference.weight.detach().abs().max()) == 0.0
+    trainer.train_step()  # and it trains: the new convolution moves
+    assert float(trainer.model.conv_in_reference.weight.detach().abs().max()) > 0.0
