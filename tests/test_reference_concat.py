@@ -80,3 +80,37 @@ def test_init_from_weights_without_reference_concat(tmp_path):
     assert float(trainer.model.conv_in_reference.weight.detach().abs().max()) == 0.0
     trainer.train_step()  # and it trains: the new convolution moves
     assert float(trainer.model.conv_in_reference.weight.detach().abs().max()) > 0.0
+
+
+def test_lr_scales_give_named_parameters_their_own_lr(tmp_path):
+    """``TrainConfig.lr_scales``: the parameters a prefix names form their own optimiser group whose lr is the
+    schedule's times the scale; the rest keep the schedule's lr; a run resumes with the same groups and refuses
+    other ones clearly; no scales = one group (older checkpoints resume as before)."""
+    from corrlab.errors import CorrlabError
+
+    def config(**kw):
+        return TrainConfig(arch="unet", model={**BASE, "reference_concat": True}, image_size=16, views=[2],
+                           view_probs=[1.0], views_per_batch=2, reference_probs=[0.0, 1.0], steps=2, threads=1,
+                           eval_every=0, checkpoint_every=1, lr=1e-4, warmup_steps=1, **kw)
+
+    scales = {"conv_in_reference.": 10.0, "conv_in_reference.bias": 3.0}
+    trainer = Trainer(config(lr_scales=scales), tmp_path / "run")
+    base, conv, bias = trainer.opt.param_groups
+    m = trainer.model
+    assert [id(p) for p in conv["params"]] == [id(m.conv_in_reference.weight)]  # the longest prefix wins
+    assert [id(p) for p in bias["params"]] == [id(m.conv_in_reference.bias)]
+    assert len(base["params"]) == len(list(m.parameters())) - 2
+    trainer.train_step()
+    assert (base["lr"], conv["lr"], bias["lr"]) == pytest.approx((1e-4, 1e-3, 3e-4))
+    trainer.save_checkpoint()
+    again = Trainer(config(lr_scales=scales), tmp_path / "run")
+    assert again.resume() and again.step == 1 and len(again.opt.param_groups) == 3
+    with pytest.raises(CorrlabError, match="resume: .* other lr_scales"):
+        Trainer(config(), tmp_path / "run").resume()
+    assert len(Trainer(config(), tmp_path / "one").opt.param_groups) == 1
+    with pytest.raises(ValueRangeError, match="lr_scales: prefix 'conv_out_reference.' names no parameter"):
+        Trainer(config(lr_scales={"conv_out_reference.": 10.0}), tmp_path / "two")
+    for bad in ({"conv_in.": 0}, {"conv_in.": -1.0}, {"conv_in.": float("inf")}, {"conv_in.": True},
+                {"conv_in.": "10"}, {"": 2.0}, [("conv_in.", 2.0)]):
+        with pytest.raises(ValueRangeError, match="lr_scales: expected"):
+            config(lr_scales=bad)

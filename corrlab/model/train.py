@@ -87,6 +87,9 @@ class TrainConfig(JsonConfig):
     views_per_batch: sets per step = views_per_batch // V (constant compute per step).
     lr, weight_decay, betas, warmup_steps, grad_clip: AdamW settings: linear warm-up, then constant lr,
     then (if ``decay_steps`` > 0) linear decay to ``lr * final_lr_ratio`` over the last ``decay_steps``.
+    lr_scales: ``{parameter-name prefix: lr multiplier}``, e.g. ``{"conv_in_reference.": 10.0}`` for a parameter
+    an option adds zero-initialised, which grows slowly at a fine-tune's lr (each prefix must name parameters; a
+    parameter takes its longest matching prefix); empty = one lr for all.
     steps: total optimiser steps (the decay is anchored to it). ema_decay: EMA of the weights (ramped as min(decay, (1+s)/(10+s))).
     t_sampling: "logit_normal" (mean 0, std ``t_std``) or "uniform". cfg_dropout: null-prompt probability.
     seed: seeds scene choice, noise, t, and initialisation. train_seeds: [lo, hi) scene-seed range
@@ -114,6 +117,7 @@ class TrainConfig(JsonConfig):
     warmup_steps: int = 100
     decay_steps: int = 0
     final_lr_ratio: float = 0.05
+    lr_scales: dict = field(default_factory=dict)
     grad_clip: float = 1.0
     steps: int = 20_000
     ema_decay: float = 0.998
@@ -155,6 +159,14 @@ class TrainConfig(JsonConfig):
                 f"train_seeds: expected [lo, hi) with 0 <= lo < hi <= {HELD_OUT_SEED_START} (held-out seeds are reserved), "
                 f"got {self.train_seeds}"
             )
+        if not isinstance(self.lr_scales, dict) or any(
+            not isinstance(k, str) or not k or isinstance(v, bool) or not isinstance(v, (int, float))
+            or not 0 < v < float("inf") for k, v in self.lr_scales.items()
+        ):
+            raise ValueRangeError(
+                f"lr_scales: expected {{parameter-name prefix: positive multiplier}}, got {self.lr_scales!r}"
+            )
+        self.lr_scales = {k: float(v) for k, v in self.lr_scales.items()}
         if self.t_sampling not in ("logit_normal", "uniform"):
             raise CorrlabError(f"t_sampling: expected 'logit_normal' or 'uniform', got {self.t_sampling!r}")
         if not 0 <= self.cfg_dropout < 1:
@@ -171,6 +183,21 @@ class TrainConfig(JsonConfig):
 
 
 # ---------------------------------------------------------------------------- pure pieces
+def lr_scale_groups(model: torch.nn.Module, lr_scales: dict[str, float]) -> list[dict]:
+    """Optimiser parameter groups for ``TrainConfig.lr_scales``: one group of the parameters no prefix names
+    (``lr_scale`` 1.0), then one per prefix, in the dict's order (a parameter goes to its longest matching
+    prefix); without scales, one group as before, so runs without them resume unchanged. Raises
+    :class:`ValueRangeError` for a prefix that names no parameter."""
+    named = list(model.named_parameters())
+    owner = {n: max((k for k in lr_scales if n.startswith(k)), key=len, default=None) for n, _ in named}
+    unused = [k for k in lr_scales if k not in owner.values()]
+    if unused:
+        raise ValueRangeError(f"lr_scales: prefix {unused[0]!r} names no parameter of the {type(model).__name__}")
+    keys = [None, *lr_scales]
+    return [{"params": [p for n, p in named if owner[n] == k], "lr_scale": 1.0 if k is None else lr_scales[k]}
+            for k in keys]
+
+
 def sample_timesteps(n: int, mode: str, generator: torch.Generator, std: float = 1.0) -> torch.Tensor:
     """``(n,)`` training times in (0, 1): logit-normal(0, std) or uniform."""
     if mode == "uniform":
@@ -300,7 +327,8 @@ class Trainer:
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=config.betas
+            lr_scale_groups(self.model, config.lr_scales), lr=config.lr, weight_decay=config.weight_decay,
+            betas=config.betas,
         )
         self.step = 0
         self.wall = 0.0
@@ -330,7 +358,10 @@ class Trainer:
         cls = ARCHITECTURES[self.config.arch]
         self.model.load_state_dict(cls.from_pretrained(ck / "model", low_cpu_mem_usage=False).state_dict())
         self.ema.load_state_dict(cls.from_pretrained(ck / "ema", low_cpu_mem_usage=False).state_dict())
-        self.opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location=self.device))
+        try:
+            self.opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location=self.device))
+        except ValueError as e:  # other parameter groups
+            raise CorrlabError(f"resume: {str(ck)!r} was trained with other lr_scales than {self.config.lr_scales!r}: {e}") from None
         state = json.loads((ck / "state.json").read_text())
         self.step, self.wall = int(state["step"]), float(state["wall_s"])
         self.cpu = float(state.get("cpu_s", 0.0))
@@ -397,7 +428,7 @@ class Trainer:
         pe = self.model.encode_prompt(prompts)
         pe = torch.where(drop[:, None], self.model.null_prompt_embeds(B), pe)
         for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss = flow_matching_loss(self.model, x0, pe, rays, t, noise, given)
         self.opt.zero_grad(set_to_none=True)
