@@ -20,6 +20,20 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+#: A tiny MultiViewUNet with the epipolar bias: tests of its options build on it (``tiny_unet``).
+TINY_UNET = dict(sample_size=16, channels=[8, 16, 16], attention_levels=[1, 2], stem=2, num_heads=2, prompt_dim=8,
+                 ray_freqs=2, epipolar_bias=True)
+
+
+def tiny_unet(seed: int = 0, perturb: bool = True, **config) -> torch.nn.Module:
+    """``MultiViewUNet(**TINY_UNET, **config)`` seeded; ``perturb`` makes its zero-initialised parts non-zero."""
+    from corrlab.model import MultiViewUNet
+
+    torch.manual_seed(seed)
+    m = MultiViewUNet(**{**TINY_UNET, **config})
+    return perturbed(m) if perturb else m.eval()
+
+
 def random_inputs(B: int, V: int, size: int, seed: int, patch_size: int):
     """``(x (B, V, 3, S, S), t (B,), rays (B, V, 6, S/p, S/p))`` under the 'train' camera layout of ``seed + b``."""
     g = torch.Generator().manual_seed(seed)

@@ -7,16 +7,10 @@ import torch
 from corrlab.errors import CorrlabError, ShapeError
 from corrlab.model import CorrlabPipeline, MultiViewUNet
 from corrlab.model.train import TrainConfig, Trainer
-from model_helpers import perturbed, random_inputs
+from model_helpers import TINY_UNET, perturbed, random_inputs, tiny_unet
 
-BASE = dict(sample_size=16, channels=[8, 16, 16], attention_levels=[1, 2], stem=2, num_heads=2, prompt_dim=8,
-            ray_freqs=2, epipolar_bias=True)
-
-
-def model(seed: int = 0, perturb: bool = True, **config) -> MultiViewUNet:
-    torch.manual_seed(seed)
-    m = MultiViewUNet(**{**BASE, **config})
-    return perturbed(m) if perturb else m.eval()
+BASE = TINY_UNET
+model = tiny_unet
 
 
 def test_decoder_only_blocks_come_last_and_keep_the_other_names():

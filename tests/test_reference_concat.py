@@ -10,16 +10,10 @@ from corrlab.model.rays import plucker_ray_embeds
 from corrlab.model.train import TrainConfig, Trainer
 from corrlab.model.unet import nearest_reference_input
 from corrlab.scenes.cameras import sample_cameras
-from model_helpers import perturbed, random_inputs
+from model_helpers import TINY_UNET, random_inputs, tiny_unet
 
-BASE = dict(sample_size=16, channels=[8, 16, 16], attention_levels=[1, 2], stem=2, num_heads=2, prompt_dim=8,
-            ray_freqs=2, epipolar_bias=True)
-
-
-def model(seed: int = 0, perturb: bool = True, **config) -> MultiViewUNet:
-    torch.manual_seed(seed)
-    m = MultiViewUNet(**{**BASE, **config})
-    return perturbed(m) if perturb else m.eval()
+BASE = TINY_UNET
+model = tiny_unet
 
 
 @pytest.mark.parametrize("layout", ["train", "random"])
