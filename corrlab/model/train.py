@@ -361,7 +361,9 @@ class Trainer:
         try:
             self.opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location=self.device))
         except ValueError as e:  # other parameter groups
-            raise CorrlabError(f"resume: {str(ck)!r} was trained with other lr_scales than {self.config.lr_scales!r}: {e}") from None
+            raise CorrlabError(
+                f"resume: {str(ck)!r} was trained with other lr_scales than {self.config.lr_scales!r}: {e}"
+            ) from None
         state = json.loads((ck / "state.json").read_text())
         self.step, self.wall = int(state["step"]), float(state["wall_s"])
         self.cpu = float(state.get("cpu_s", 0.0))

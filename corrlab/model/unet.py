@@ -52,8 +52,8 @@ def nearest_reference_input(sample: torch.Tensor, rays: torch.Tensor, given: tor
 
     ``sample (B, V, C, H, W)``, ``rays (B, V, 6, H, W)`` per-pixel Plücker rays, ``given (B, V)`` bool ->
     ``(B, V, C + 1 + 6, H, W)``: the image of the given view whose camera centre is nearest to the view's own (a
-    given view's is itself; distances equal to 1e-6 go to the lower index), a channel of ones, and that view's ray map; all zeros for
-    a set without a given view. Camera centres come from the ray maps (:func:`camera_centres_from_rays`, exact for
+    given view's is itself; distances equal to 1e-6 go to the lower index), a channel of ones, and that view's ray
+    map; all zeros for a set without a given view. Camera centres come from the ray maps (:func:`camera_centres_from_rays`, exact for
     pinhole cameras) on a subsampled pixel grid.
     """
     if sample.ndim != 5:
