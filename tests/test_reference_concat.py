@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from corrlab.errors import ShapeError, ValueRangeError
+from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
 from corrlab.model import CorrlabPipeline, MultiViewUNet
 from corrlab.model.rays import plucker_ray_embeds
 from corrlab.model.train import TrainConfig, Trainer
@@ -80,8 +80,6 @@ def test_lr_scales_give_named_parameters_their_own_lr(tmp_path):
     """``TrainConfig.lr_scales``: the parameters a prefix names form their own optimiser group whose lr is the
     schedule's times the scale; the rest keep the schedule's lr; a run resumes with the same groups and refuses
     other ones clearly; no scales = one group (older checkpoints resume as before)."""
-    from corrlab.errors import CorrlabError
-
     def config(**kw):
         return TrainConfig(arch="unet", model={**BASE, "reference_concat": True}, image_size=16, views=[2],
                            view_probs=[1.0], views_per_batch=2, reference_probs=[0.0, 1.0], steps=2, threads=1,

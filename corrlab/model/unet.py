@@ -61,14 +61,15 @@ def nearest_reference_input(sample: torch.Tensor, rays: torch.Tensor, given: tor
     B, V, C, H, W = sample.shape
     check_shape("rays", rays, (B, V, 6, H, W), expected=f"({B}, {V}, 6, {H}, {W}) per-pixel rays")
     check_shape("given", given, (B, V))
+    given = given.to(torch.bool)
     out = sample.new_zeros(B, V, C + 7, H, W)
-    has = given.to(torch.bool).any(dim=1)
+    has = given.any(dim=1)
     if not bool(has.any()):
         return out
     step = max(1, min(H, W) // 8)
     centres = camera_centres_from_rays(rays[:, :, :, ::step, ::step].reshape(B * V, 6, -1, 1)).reshape(B, V, 3)
     dist = torch.round(torch.cdist(centres, centres) * 1e6)  # micro-units: equal distances tie despite rounding
-    idx = dist.masked_fill(~given.to(torch.bool)[:, None, :], float("inf")).argmin(dim=2)  # (B, V): first of equals
+    idx = dist.masked_fill(~given[:, None, :], float("inf")).argmin(dim=2)  # (B, V): first of equals
     b = torch.arange(B, device=sample.device)[:, None]
     ones = sample.new_ones(B, V, 1, H, W)
     ref = torch.cat([sample[b, idx], ones, rays.to(sample.dtype)[b, idx]], dim=2)
