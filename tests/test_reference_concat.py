@@ -106,3 +106,53 @@ def test_lr_scales_give_named_parameters_their_own_lr(tmp_path):
                 {"conv_in.": "10"}, {"": 2.0}, [("conv_in.", 2.0)]):
         with pytest.raises(ValueRangeError, match="lr_scales: expected"):
             config(lr_scales=bad)
+
+
+@pytest.mark.parametrize("layout", ["train", "random"])
+def test_reference_gate_fades_the_reference_with_the_angle_between_the_views(layout):
+    """``gate_degrees = sigma``: the nearest given view's channels are those without the gate times
+    ``exp(-(theta / sigma)^2)``, theta the angle between the two cameras' optical axes (from ``R``, independently of
+    the ray maps: the mean ray direction of a centred pinhole is its axis, to 0.5 degrees at 16 px); a given view's
+    own entry is not faded."""
+    V, S, sigma = 5, 16, 20.0
+    cams = sample_cameras(11, V, S, layout)
+    rays = plucker_ray_embeds(cams, S, 1)[None]
+    x = torch.randn(1, V, 3, S, S, generator=torch.Generator().manual_seed(5))
+    given = torch.tensor([[True, False, False, True, False]])
+    plain = nearest_reference_input(x, rays, given)
+    gated = nearest_reference_input(x, rays, given, gate_degrees=sigma)
+    axes = torch.stack([c.R.to(torch.float64).T @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64) for c in cams])
+    for v in range(V):
+        ref = int(torch.nonzero(torch.all(plain[0, v, :3] == x[0], dim=(1, 2, 3)))[0])
+        theta = float(torch.rad2deg(torch.acos((axes[v] @ axes[ref]).clamp(-1, 1))))
+        expected = torch.exp(torch.tensor(-((theta / sigma) ** 2)))
+        gate = gated[0, v, 3, 0, 0]  # the flag channel carries the gate
+        assert abs(float(gate) - float(expected)) < 0.03, (v, ref, theta, float(gate))
+        torch.testing.assert_close(gated[0, v], plain[0, v] * gate, atol=1e-6, rtol=1e-6)
+        if v in (0, 3):
+            assert float(gate) > 1 - 1e-5  # acos of a float32 cosine near 1
+    for bad in (0, -3.0, float("nan"), float("inf"), True, "20"):
+        with pytest.raises(ValueRangeError, match="gate_degrees"):
+            nearest_reference_input(x, rays, given, gate_degrees=bad)
+
+
+def test_reference_gate_is_a_config_of_the_concatenation():
+    """The gate changes what the reference convolution sees: with sigma = 1 degree a reference 30+ degrees away
+    arrives as exact zeros (exp(-900)), without the gate it arrives as is; the option needs reference_concat and a
+    positive angle."""
+    x, t, rays = random_inputs(1, 3, 16, 0, patch_size=1)  # 'train' layout: views >= 30 degrees apart
+    given = torch.tensor([[True, False, False]])
+    seen = {}
+    for name, gate in (("gated", 1.0), ("open", None)):
+        m = model(seed=1, reference_concat=True, reference_gate_degrees=gate)
+        hook = m.conv_in_reference.register_forward_hook(lambda mod, args, out, name=name: seen.update({name: args[0]}))
+        with torch.no_grad():
+            m(x, t, m.encode_prompt(["red striped box"]), rays, given)
+        hook.remove()
+    gated, open_ = (seen[k].reshape(1, 3, *seen[k].shape[1:]) for k in ("gated", "open"))  # (B, V, C', h, w)
+    assert float(gated[:, 1:].abs().max()) == 0.0 and float(open_[:, 1:].abs().max()) > 0.1
+    torch.testing.assert_close(gated[:, 0], open_[:, 0], atol=1e-5, rtol=0)  # the given view: itself, not faded
+    for kw in (dict(reference_gate_degrees=20.0), dict(reference_concat=True, reference_gate_degrees=0.0),
+               dict(reference_concat=True, reference_gate_degrees=True)):
+        with pytest.raises(ValueRangeError, match="reference_gate_degrees"):
+            model(**kw)

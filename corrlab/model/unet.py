@@ -47,7 +47,9 @@ def _groups(c: int) -> int:
     return 1
 
 
-def nearest_reference_input(sample: torch.Tensor, rays: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+def nearest_reference_input(
+    sample: torch.Tensor, rays: torch.Tensor, given: torch.Tensor, gate_degrees: float | None = None
+) -> torch.Tensor:
     """Each view's nearest given view, as extra input channels.
 
     ``sample (B, V, C, H, W)``, ``rays (B, V, 6, H, W)`` per-pixel Plücker rays, ``given (B, V)`` bool ->
@@ -55,6 +57,10 @@ def nearest_reference_input(sample: torch.Tensor, rays: torch.Tensor, given: tor
     given view's is itself; distances equal to 1e-6 go to the lower index), a channel of ones, and that view's ray
     map; all zeros for a set without a given view. Camera centres come from the ray maps (:func:`camera_centres_from_rays`, exact for
     pinhole cameras) on a subsampled pixel grid.
+
+    ``gate_degrees`` (``sigma``, None = no gate): all ``C + 7`` channels are multiplied by ``exp(-(theta / sigma)^2)``,
+    ``theta`` the angle between the two views' mean ray directions, so a reference reaches a view only when the two look
+    the same way (where its pixels are a good guess) and the flag channel carries how close it is.
     """
     if sample.ndim != 5:
         raise ShapeError(f"sample: expected shape (B, V, C, H, W), got {describe(sample)}")
@@ -73,6 +79,13 @@ def nearest_reference_input(sample: torch.Tensor, rays: torch.Tensor, given: tor
     b = torch.arange(B, device=sample.device)[:, None]
     ones = sample.new_ones(B, V, 1, H, W)
     ref = torch.cat([sample[b, idx], ones, rays.to(sample.dtype)[b, idx]], dim=2)
+    if gate_degrees is not None:
+        if isinstance(gate_degrees, bool) or not (isinstance(gate_degrees, (int, float)) and 0 < gate_degrees < float("inf")):
+            raise ValueRangeError(f"gate_degrees: expected a positive number of degrees or None, got {gate_degrees!r}")
+        axes = F.normalize(rays[:, :, :3, ::step, ::step].float().mean(dim=(3, 4)), dim=2)  # (B, V, 3) mean ray directions
+        cos = (axes * axes[b, idx]).sum(dim=2).clamp(-1.0, 1.0)
+        theta = torch.rad2deg(torch.acos(cos))
+        ref = ref * torch.exp(-((theta / float(gate_degrees)) ** 2)).to(ref.dtype)[:, :, None, None, None]
     out[has] = ref[has]
     return out
 
@@ -170,7 +183,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
     appended after the other blocks, so their names do not change; they start neutral), ``decoder_attention_heads``
     (their number of heads; default ``num_heads``: the epipolar bias costs 21 (21 V normalised) q/k channels per head),
     ``reference_concat`` (each view's input also carries its nearest given view, :func:`nearest_reference_input`,
-    through ``conv_in_reference``, zero-initialised: neutral at the start); ``patch_size`` is 1 (rays are per pixel) and exists so
+    through ``conv_in_reference``, zero-initialised: neutral at the start), ``reference_gate_degrees`` (None, or
+    ``sigma``: that input fades as ``exp(-(theta / sigma)^2)`` with the angle ``theta`` between the two views' directions,
+    so that it is a consistently good guess where it arrives); ``patch_size`` is 1 (rays are per pixel) and exists so
     that the pipeline and the probes read this model like :class:`MultiViewDiT`.
     Attention layers, in forward order: encoder levels (coarsening), the middle, decoder levels (refining);
     ``attention_grids(H, W)`` gives each one's token grid.
@@ -202,6 +217,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         decoder_attention_levels: Sequence[int] = (),
         decoder_attention_heads: int | None = None,
         reference_concat: bool = False,
+        reference_gate_degrees: float | None = None,
     ):
         super().__init__()
         if relative_encoding not in ("none", "prope"):
@@ -242,6 +258,14 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         self.given_embed = nn.Parameter(torch.zeros(2, chans[0]))
         if not isinstance(reference_concat, bool):
             raise ValueRangeError(f"reference_concat: expected True or False, got {reference_concat!r}")
+        if reference_gate_degrees is not None and (
+            not reference_concat or isinstance(reference_gate_degrees, bool)
+            or not (isinstance(reference_gate_degrees, (int, float)) and 0 < reference_gate_degrees < float("inf"))
+        ):
+            raise ValueRangeError(
+                "reference_gate_degrees: expected None or a positive number of degrees with reference_concat=True, "
+                f"got {reference_gate_degrees!r} (reference_concat={reference_concat!r})"
+            )
         if reference_concat:  # the nearest given view's image, flag and rays, added to the stem; neutral start
             self.conv_in_reference = nn.Conv2d((in_channels + 1 + 6) * stem * stem, chans[0], 3, padding=1)
             nn.init.zeros_(self.conv_in_reference.weight)
@@ -357,7 +381,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
             rays = F.avg_pool2d(rays, s)
         x = self.conv_in(x) + self.given_embed[given.reshape(-1).long()][:, :, None, None]
         if getattr(self.config, "reference_concat", False):
-            r = nearest_reference_input(sample.to(dtype), ray_embeds.to(dtype), given).reshape(B * V, c + 7, H, W)
+            r = nearest_reference_input(
+                sample.to(dtype), ray_embeds.to(dtype), given, getattr(self.config, "reference_gate_degrees", None)
+            ).reshape(B * V, c + 7, H, W)
             x = x + self.conv_in_reference(F.pixel_unshuffle(r, s) if s > 1 else r)
         ray_levels = [rays]
         for _ in range(len(self.config.channels) - 1):
