@@ -1,16 +1,18 @@
 """``MultiViewUNet(reference_concat=True)``: each view's input also carries its nearest given view."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
 from corrlab.model import CorrlabPipeline, MultiViewUNet
 from corrlab.model.rays import plucker_ray_embeds
-from corrlab.model.train import TrainConfig, Trainer
+from corrlab.model.train import HELD_OUT_SEED_START, TrainConfig, Trainer
 from corrlab.model.unet import nearest_reference_input
 from corrlab.scenes.cameras import sample_cameras
-from model_helpers import TINY_UNET, random_inputs, tiny_unet
+from model_helpers import TINY_UNET, load_benchmark, random_inputs, tiny_unet
 
 BASE = TINY_UNET
 model = tiny_unet
@@ -156,3 +158,34 @@ def test_reference_gate_is_a_config_of_the_concatenation():
                dict(reference_concat=True, reference_gate_degrees=True)):
         with pytest.raises(ValueRangeError, match="reference_gate_degrees"):
             model(**kw)
+
+
+def test_reference_path_effect_benchmark(tmp_path, capsys):
+    """benchmarks/reference_path_effect.py on a tiny model: view angles from the camera centres (view 0 itself: 0
+    degrees), a zero reference path changes nothing (dv = 0, the same loss), a non-zero one changes the generated views;
+    a model without the path is refused."""
+    bench = load_benchmark("reference_path_effect")
+    ang = bench.view_angles(HELD_OUT_SEED_START, 4, 16, "random")
+    assert ang[0] < 1e-3 and all(0 <= a <= 180 for a in ang)
+    cams = sample_cameras(HELD_OUT_SEED_START, 4, 16, "random")
+    c0, c2 = cams[0].center, cams[2].center
+    assert abs(ang[2] - math.degrees(math.acos(float(c0 @ c2 / (c0.norm() * c2.norm()))))) < 1e-4
+    m = model(seed=1, reference_concat=True)
+    with torch.no_grad():
+        m.conv_in_reference.weight.zero_()
+        m.conv_in_reference.bias.zero_()
+    CorrlabPipeline(m).save_pretrained(tmp_path / "zero")
+    argv = ["--n-sets", "3", "--timesteps", "0.5", "--layout", "random"]
+    assert bench.main(["--model", str(tmp_path / "zero"), *argv]) == 0
+    kv = dict(x.split("=") for x in capsys.readouterr().out.strip().splitlines()[-1].split())
+    dv = {k: float(v) for k, v in kv.items() if k.startswith("dv_")}
+    assert dv and all(v == 0.0 for v in dv.values())
+    with torch.no_grad():
+        m.conv_in_reference.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(3))
+    CorrlabPipeline(m).save_pretrained(tmp_path / "acting")
+    assert bench.main(["--model", str(tmp_path / "acting"), *argv]) == 0
+    kv = dict(x.split("=") for x in capsys.readouterr().out.strip().splitlines()[-1].split())
+    assert max(float(v) for k, v in kv.items() if k.startswith("dv_")) > 1e-3
+    CorrlabPipeline(model(seed=1, perturb=False)).save_pretrained(tmp_path / "plain")
+    with pytest.raises(CorrlabError, match="reference_concat=True"):
+        bench.main(["--model", str(tmp_path / "plain"), *argv])
