@@ -75,6 +75,11 @@ def check_finite(name: str, x: Any) -> None:
         raise ValueRangeError(f"{name}: expected finite values, got {n_bad} non-finite entries in {describe(x)}")
 
 
+def is_positive_number(value: Any) -> bool:
+    """True for an int or float that is positive and finite (False for bools, NaN, infinity and anything else)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
 def check_positive_pair(name: str, value: Any) -> tuple[int, int]:
     """``value`` as a pair of positive ints (e.g. a token grid or an image size); raise :class:`CorrlabError`
     for anything else (:class:`ValueRangeError` for a pair that is not positive or not integral)."""

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .errors import CorrlabError, ShapeError, ValueRangeError, check_finite, describe
+from .errors import CorrlabError, ShapeError, ValueRangeError, check_finite, describe, is_positive_number
 from .probing.layouts import layer_sort_key  # the one layer order (forward order), re-exported for the widgets
 
 __all__ = [
@@ -373,7 +373,7 @@ def token_similarity(query: Any, keys: Any, scale: float | None = None) -> np.nd
     heads, h, w, d = k.shape
     if scale is None:
         scale = 1.0 / float(np.sqrt(d))
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < float(scale) < float("inf"):
+    if not is_positive_number(scale):
         raise ValueRangeError(f"scale: expected a positive finite number, got {scale!r}")
     p = similarity_map(q[:, None], k.reshape(heads, 1, h * w, d), scale=float(scale), heads="mean")
     return p[0, 0, 0].reshape(h, w).numpy()

@@ -67,7 +67,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import CorrlabError, ShapeError, ValueRangeError, check_choice, describe
+from ..errors import CorrlabError, ShapeError, ValueRangeError, check_choice, describe, is_positive_number
 from ..probing.fused_attention import fused_attention_matches
 from ..probing.match_kernel import load_match_kernel, load_window_kernel, window_attention
 from ..probing.matcher import HistoryMax, MatchingOptions, match_layout, window_offsets
@@ -490,7 +490,7 @@ class MatchedAttention:
             raise ShapeError(f"grid: expected rows * cols = N = {N}, got {grid!r}")
         object.__setattr__(self, "grid", (h, w))
         sc = self.scale
-        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not 0.0 < float(sc) < float("inf"):
+        if not is_positive_number(sc):
             raise ValueRangeError(f"scale: expected a positive finite float, got {sc!r}")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CorrlabError, FormatError, ValueRangeError
+from ..errors import CorrlabError, FormatError, ValueRangeError, is_positive_number
 from .dit import MultiViewDiT
 from .rays import plucker_ray_embeds
 from .unet import MultiViewUNet
@@ -160,8 +160,7 @@ class TrainConfig(JsonConfig):
                 f"got {self.train_seeds}"
             )
         if not isinstance(self.lr_scales, dict) or any(
-            not isinstance(k, str) or not k or isinstance(v, bool) or not isinstance(v, (int, float))
-            or not 0 < v < float("inf") for k, v in self.lr_scales.items()
+            not isinstance(k, str) or not k or not is_positive_number(v) for k, v in self.lr_scales.items()
         ):
             raise ValueRangeError(
                 f"lr_scales: expected {{parameter-name prefix: positive multiplier}}, got {self.lr_scales!r}"

@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..errors import ShapeError, ValueRangeError, check_shape, describe
+from ..errors import ShapeError, ValueRangeError, check_shape, describe, is_positive_number
 from .dit import ray_fourier_features, scene_vocabulary, timestep_features, timestep_vector
 from .prompt import PromptEncoder
 from .prope import PRoPEAttnProcessor, camera_centres_from_rays, projective_matrices_from_rays
@@ -73,16 +73,17 @@ def nearest_reference_input(
     if not bool(has.any()):
         return out
     step = max(1, min(H, W) // 8)
-    centres = camera_centres_from_rays(rays[:, :, :, ::step, ::step].reshape(B * V, 6, -1, 1)).reshape(B, V, 3)
+    coarse = rays[:, :, :, ::step, ::step]  # a subsampled pixel grid is enough for centres and directions
+    centres = camera_centres_from_rays(coarse.reshape(B * V, 6, -1, 1)).reshape(B, V, 3)
     dist = torch.round(torch.cdist(centres, centres) * 1e6)  # micro-units: equal distances tie despite rounding
     idx = dist.masked_fill(~given[:, None, :], float("inf")).argmin(dim=2)  # (B, V): first of equals
     b = torch.arange(B, device=sample.device)[:, None]
     ones = sample.new_ones(B, V, 1, H, W)
     ref = torch.cat([sample[b, idx], ones, rays.to(sample.dtype)[b, idx]], dim=2)
     if gate_degrees is not None:
-        if isinstance(gate_degrees, bool) or not (isinstance(gate_degrees, (int, float)) and 0 < gate_degrees < float("inf")):
+        if not is_positive_number(gate_degrees):
             raise ValueRangeError(f"gate_degrees: expected a positive number of degrees or None, got {gate_degrees!r}")
-        axes = F.normalize(rays[:, :, :3, ::step, ::step].float().mean(dim=(3, 4)), dim=2)  # (B, V, 3) mean ray directions
+        axes = F.normalize(coarse[:, :, :3].float().mean(dim=(3, 4)), dim=2)  # (B, V, 3) mean ray directions
         cos = (axes * axes[b, idx]).sum(dim=2).clamp(-1.0, 1.0)
         theta = torch.rad2deg(torch.acos(cos))
         ref = ref * torch.exp(-((theta / float(gate_degrees)) ** 2)).to(ref.dtype)[:, :, None, None, None]
@@ -258,10 +259,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin, AttentionMixin):
         self.given_embed = nn.Parameter(torch.zeros(2, chans[0]))
         if not isinstance(reference_concat, bool):
             raise ValueRangeError(f"reference_concat: expected True or False, got {reference_concat!r}")
-        if reference_gate_degrees is not None and (
-            not reference_concat or isinstance(reference_gate_degrees, bool)
-            or not (isinstance(reference_gate_degrees, (int, float)) and 0 < reference_gate_degrees < float("inf"))
-        ):
+        if reference_gate_degrees is not None and not (reference_concat and is_positive_number(reference_gate_degrees)):
             raise ValueRangeError(
                 "reference_gate_degrees: expected None or a positive number of degrees with reference_concat=True, "
                 f"got {reference_gate_degrees!r} (reference_concat={reference_concat!r})"
