@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corrlab.errors import CorrlabError
+from corrlab.errors import CorrlabError, ValueRangeError
 from corrlab.geometry import Camera
 from corrlab.scenes import (
     BACKGROUND_RGB,
@@ -240,6 +240,29 @@ def test_random_and_orthographic_layouts():
     assert len({round(_azimuth(c, (0, 0, 0)), 6) for c in cams}) == 5
     mv = render(sample_scene(2), cams, 32)
     assert bool(mv.masks.any(dim=(1, 2)).all())
+
+
+def test_near_layout_small_consecutive_gaps_on_the_fixed_orbit():
+    """'near': the 'random' layout's orbit (radius, elevation) with consecutive azimuths a gap in
+    ``near_gap_deg`` apart; bad gaps are refused."""
+    firsts = []
+    for seed in range(10):
+        cams = sample_cameras(seed, views=5, size=64, layout="near", radius=3.5, elevation_deg=15.0,
+                              near_gap_deg=(4.0, 12.0))
+        az = [_azimuth(c, (0, 0, 0)) for c in cams]
+        gaps = [(b - a) % 360 for a, b in zip(az, az[1:])]
+        assert all(4.0 - 1e-6 <= g <= 12.0 + 1e-6 for g in gaps), gaps
+        for c in cams:
+            assert float(c.center.norm()) == pytest.approx(3.5)
+            assert _elevation(c, (0, 0, 0)) == pytest.approx(15.0)
+        firsts.append(round(az[0], 3))
+    assert len(set(firsts)) == 10  # the first azimuth comes from the seed
+    default = sample_cameras(1, views=4, size=32, layout="near")
+    gaps = [(b - a) % 360 for a, b in zip(*[[_azimuth(c, (0, 0, 0)) for c in x] for x in (default[:-1], default[1:])])]
+    assert all(5.0 - 1e-6 <= g <= 30.0 + 1e-6 for g in gaps), gaps
+    assert render_scene(3, views=2, size=16, layout="near").images.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueRangeError, match="near_gap_deg"):
+        sample_cameras(1, views=3, size=16, layout="near", near_gap_deg=(20.0, 10.0))
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Camera layouts around the object: evenly spaced, random, and the embedded model's training layout.
+"""Camera layouts around the object: evenly spaced, random, near (small baselines), and the embedded model's
+training layout.
 
 Azimuth 0 looks along +z; elevation > 0 puts the camera above the object (world up is ``-y``);
 roll rotates the image clockwise. The principal point is the image centre ((W - 1) / 2, (H - 1) / 2).
@@ -15,7 +16,7 @@ from .spec import scene_generator
 
 __all__ = ["LAYOUTS", "intrinsics", "orbit_camera", "sample_cameras"]
 
-LAYOUTS = ("even", "random", "train")
+LAYOUTS = ("even", "random", "near", "train")
 MIN_SIZE = 8
 WORLD_UP = (0.0, -1.0, 0.0)
 
@@ -107,12 +108,15 @@ def sample_cameras(
     roll_max_deg: float = 25.0,
     target_jitter: float = 0.2,
     azimuth_gap_deg: tuple[float, float] = (30.0, 120.0),
+    near_gap_deg: tuple[float, float] = (5.0, 30.0),
 ) -> list[Camera]:
     """Cameras for one scene, deterministic in ``seed``: a list of ``views`` :class:`Camera`.
 
     layout "even": azimuths ``offset + 360 i / views`` (offset from the seed), at ``radius``,
     ``elevation_deg``, ``roll_deg``, looking at ``target``.
     layout "random": the same but every azimuth uniform in [0, 360).
+    layout "near" (small baselines, as in a short camera move): the same orbit, first azimuth uniform in
+    [0, 360), each next one a gap uniform in ``near_gap_deg`` further on.
     layout "train" (the embedded model's training/evaluation layout): distance uniform in
     ``distance_range``, look-at point uniform within ``target_jitter`` of ``target`` per axis, elevation
     uniform in ``elevation_range_deg``, roll uniform in +-``roll_max_deg``, consecutive azimuths
@@ -123,10 +127,16 @@ def sample_cameras(
     check_choice("layout", layout, LAYOUTS)
     check_choice("model", model, ("perspective", "orthographic"))
     g = scene_generator(seed, "cameras")
-    if layout in ("even", "random"):
+    if layout in ("even", "random", "near"):
         if layout == "even":
             offset = _u(g, 0.0, 360.0)
             azimuths = [offset + 360.0 * i / views for i in range(views)]
+        elif layout == "near":
+            if not 0 <= near_gap_deg[0] <= near_gap_deg[1]:
+                raise ValueRangeError(f"near_gap_deg: expected 0 <= low <= high, got {near_gap_deg!r}")
+            azimuths = [_u(g, 0.0, 360.0)]
+            for _ in range(views - 1):
+                azimuths.append((azimuths[-1] + _u(g, *near_gap_deg)) % 360.0)
         else:
             azimuths = _u(g, 0.0, 360.0, views)
         return [
