@@ -220,11 +220,12 @@ def adherence(pipe, n: int, steps: int, guidance: float, seed_start: int, batch:
 # ------------------------------------------------------------------------------------------ (e)
 def conditioned_part(pipe, n_sets: int, n_native: int, steps: int, guidance: float, seed_start: int,
                      sheet: str | None, summary: dict, out: Path | None, layout: str = "train",
-                     grid: str | None = None) -> None:
+                     grid: str | None = None, reference_guidance: float = 1.0) -> None:
     from corrlab.model.conditioned import at_grid, native_hits, pool_hits, reconstruction
 
     rec, sets = reconstruction(pipe, n_sets=n_sets, views=4, steps=steps, guidance=guidance,
-                               seed_start=seed_start + 30_000, layout=layout, return_sets=True, progress=True)
+                               seed_start=seed_start + 30_000, layout=layout, return_sets=True, progress=True,
+                               reference_guidance=reference_guidance)
     per_scene = rec.groupby(["scene", "method"])[["psnr", "ssim", "iou"]].mean().reset_index()
     print("\n(e) image-conditioned: view 0 given, views 1-3 generated; mean over scenes")
     print(per_scene.groupby("method")[["psnr", "ssim", "iou"]].mean().round(3).to_string())
@@ -303,6 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for the tidy CSV tables and summary.json")
     ap.add_argument("--conditioned-sheet", help="(e) write the reference | generated | truth contact sheet PNG here")
     ap.add_argument("--cond-guidance", type=float, default=1.0, help="(e) guidance scale of image-conditioned sampling")
+    ap.add_argument("--reference-guidance", type=float, default=1.0,
+                    help="(e) image guidance of image-conditioned sampling (1 = off; see CorrlabPipeline.__call__)")
     ap.add_argument("--layout", default="train", choices=LAYOUTS,
                     help="camera layout of the held-out scenes (the model trains on 'train')")
     ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "e"], help="parts to skip")
@@ -314,7 +317,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     pipe = load_default(args.model)
     summary: dict = {"layout": args.layout, "steps": args.steps, "guidance": args.guidance, "cond_guidance": args.cond_guidance,
-                     "sift_upsample": args.sift_upsample}
+                     "reference_guidance": args.reference_guidance, "sift_upsample": args.sift_upsample}
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -381,7 +384,7 @@ def main(argv=None) -> int:
 
     if "e" not in args.skip and pipe.supports_reference:
         conditioned_part(pipe, args.n_sets, args.n_native, args.steps, args.cond_guidance, args.seed_start,
-                         args.conditioned_sheet, summary, out, args.layout, args.grid)
+                         args.conditioned_sheet, summary, out, args.layout, args.grid, args.reference_guidance)
 
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -80,6 +80,11 @@ def is_positive_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
 
 
+def is_nonnegative_number(value: Any) -> bool:
+    """True for an int or float that is >= 0 and finite (False for bools, NaN, infinity and anything else)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < float("inf")
+
+
 def check_positive_pair(name: str, value: Any) -> tuple[int, int]:
     """``value`` as a pair of positive ints (e.g. a token grid or an image size); raise :class:`CorrlabError`
     for anything else (:class:`ValueRangeError` for a pair that is not positive or not integral)."""

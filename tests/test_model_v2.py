@@ -10,7 +10,7 @@ import torch
 
 import corrlab
 from corrlab.cli import main as cli_main
-from corrlab.errors import CorrlabError, ShapeError
+from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
 from corrlab.model import CorrlabPipeline, MultiViewDiT, MultiViewUNet
 from corrlab.model.conditioned import native_hits, pool_hits, psnr, reconstruction, ssim
 from corrlab.model.train import TrainConfig, Trainer, flow_matching_loss, sample_given
@@ -148,6 +148,57 @@ def test_pipeline_reference_views_are_kept_and_condition_the_rest():
              num_inference_steps=1, progress=False)
 
 
+def test_reference_guidance_is_the_documented_combination_of_branches():
+    """Image guidance r: v = v_cond + (g - 1)(v_cond - v_text_null) + (r - 1)(v_cond - v_ref_null), where the
+    reference-null branch sees no given view and the given views noised to level t with the supplied noise
+    (branches computed one by one here; batched in the pipeline: tolerance 1e-5). r = 1 is the old path, bit for
+    bit (the same computation)."""
+    model = tiny_unet()
+    pipe = CorrlabPipeline(model)
+    x, t, rays = unet_inputs(B=2, V=3)
+    pe = model.encode_prompt(["red striped box", "blue sphere"])
+    given = torch.tensor([[True, False, False], [False, True, False]])
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    g5, tb = given[:, :, None, None, None], t[:, None, None, None, None]
+    with torch.no_grad():
+        v_cond = model(x, t, pe, rays, given=given)
+        v_text_null = model(x, t, model.null_prompt_embeds(2), rays, given=given)
+        v_ref_null = model(torch.where(g5, (1 - tb) * x + tb * noise, x), t, pe, rays, given=torch.zeros_like(given))
+        assert (v_cond - v_ref_null).abs().max() > 1e-3  # the branch differs: the check below can fail
+        for g, r in ((1.0, 2.5), (3.0, 2.0), (1.0, 0.0)):
+            expected = v_cond + (g - 1) * (v_cond - v_text_null) + (r - 1) * (v_cond - v_ref_null)
+            got = pipe.velocity(x, t, pe, rays, g, given=given, reference_guidance=r, reference_noise=noise)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(pipe.velocity(x, t, pe, rays, 3.0, given=given, reference_guidance=1.0),
+                           pipe.velocity(x, t, pe, rays, 3.0, given=given))
+        for bad in (-1.0, float("nan"), float("inf"), True, "2"):
+            with pytest.raises(ValueRangeError, match="reference_guidance"):
+                pipe.velocity(x, t, pe, rays, 1.0, given=given, reference_guidance=bad, reference_noise=noise)
+        with pytest.raises(CorrlabError, match="reference_guidance"):
+            pipe.velocity(x, t, pe, rays, 1.0, reference_guidance=2.0, reference_noise=noise)
+        with pytest.raises(ShapeError, match="reference_noise"):
+            pipe.velocity(x, t, pe, rays, 1.0, given=given, reference_guidance=2.0, reference_noise=noise[:, :2])
+
+
+def test_pipeline_reference_guidance_changes_only_generated_views_and_is_seeded():
+    pipe = CorrlabPipeline(tiny_unet())
+    truth = render_scene(7, 3, 16, "train")
+    ref = {0: truth.images[0]}
+    kw = dict(cameras=truth.cameras, reference=ref, num_inference_steps=3, seed=1, progress=False)
+    plain = pipe(truth.prompt, **kw)
+    assert torch.equal(pipe(truth.prompt, reference_guidance=1.0, **kw).images, plain.images)
+    a = pipe(truth.prompt, reference_guidance=2.0, **kw)
+    b = pipe(truth.prompt, reference_guidance=2.0, **kw)
+    assert torch.equal(a.images, b.images)  # exact: the same seeded computation twice
+    assert torch.equal(a.images[0], truth.images[0])  # the reference is copied through
+    assert (a.images[1:] - plain.images[1:]).abs().max() > 1e-3
+    assert a.meta["reference_guidance"] == 2.0 and "reference_guidance" not in plain.meta
+    with pytest.raises(CorrlabError, match="reference_guidance"):
+        pipe(truth.prompt, cameras=truth.cameras, reference_guidance=2.0, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueRangeError, match="reference_guidance"):
+        pipe(truth.prompt, reference_guidance=-0.5, **{**kw, "num_inference_steps": 1})
+
+
 def test_dit_without_reference_conditioning_refuses_references():
     dit = MultiViewDiT(sample_size=16, patch_size=4, hidden_size=32, num_layers=1, num_heads=2, prompt_dim=8,
                        ray_freqs=2)
@@ -213,6 +264,16 @@ def test_cli_generate_with_reference(tmp_path, capsys):
                      "--reference", str(tmp_path / "truth"), "--reference-views", "5", "--out", str(tmp_path / "y")]) != 0
     assert "--reference-views: expected indices in [0, 3)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert cli_main(["generate", "--prompt", truth.prompt, "--seed", "2", "--model", str(tmp_path / "model"),
+                     "--reference", str(tmp_path / "truth"), "--reference-views", "0", "2", "--steps", "2",
+                     "--reference-guidance", "2.5", "--out", str(tmp_path / "g2"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "g2" / "cameras.json").read_text())["meta"]["reference_guidance"] == 2.5
+    assert (load_set(tmp_path / "g2").images[1] - gen.images[1]).abs().max() > 1e-2  # 8-bit PNGs: a visible change
+    capsys.readouterr()
+    assert cli_main(["generate", "--prompt", "red striped box", "--model", str(tmp_path / "model"),
+                     "--reference-guidance", "2", "--out", str(tmp_path / "z")]) != 0
+    assert "--reference-guidance: expected together with --reference" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 def test_shipped_image_conditioned_model_generates_from_a_reference():

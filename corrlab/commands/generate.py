@@ -20,6 +20,9 @@ def register(subparsers) -> None:
                    "references and generate the others (cameras from --cameras, else from SET_DIR)")
     p.add_argument("--reference-views", type=int, nargs="+", metavar="V",
                    help="indices of the given views (default: 0; needs --reference)")
+    p.add_argument("--reference-guidance", type=float, metavar="R",
+                   help="image guidance: push the generated views away from the model's prediction without the "
+                   "references by R (default 1 = off; needs --reference)")
     add_diffusers_arguments(p)
     ca = p.add_argument_group("CorrAdapter", "training-free native-correspondence aggregation (methods.md section 2)")
     ca.add_argument("--corr-adapter", action="store_true", help="generate with CorrAdapter enabled")
@@ -123,15 +126,22 @@ def run(args: argparse.Namespace) -> int:
     from ..pipelines import pipeline_source
 
     if pipeline_source(args.model) is not None:
-        if getattr(args, "reference", None):
-            raise CorrlabError("--reference: image-conditioned generation is for corrlab's embedded models, "
-                               "got it with a diffusers pipeline --model")
+        for flag in ("reference", "reference_guidance"):
+            if getattr(args, flag, None) is not None:
+                raise CorrlabError(f"--{flag.replace('_', '-')}: image-conditioned generation is for corrlab's "
+                                   "embedded models, got it with a diffusers pipeline --model")
         return run_pipeline_command(args, record=False)
     pipe, cameras, size = embedded_model_and_cameras(args)
     reference, cameras, size = load_reference(args, cameras, size)
     adapter = _corr_adapter(args, pipe)
+    extra = {"reference": reference} if reference else {}
+    if args.reference_guidance is not None:
+        if not reference:
+            raise CorrlabError(f"--reference-guidance: expected together with --reference SET_DIR, got "
+                               f"{args.reference_guidance} without it")
+        extra["reference_guidance"] = args.reference_guidance
     with adapter if adapter is not None else contextlib.nullcontext():
-        mvs = sample_embedded(pipe, args, cameras, size, args.steps, **({"reference": reference} if reference else {}))
+        mvs = sample_embedded(pipe, args, cameras, size, args.steps, **extra)
     if adapter is not None:
         mvs.meta["corr_adapter"] = {**dataclasses.asdict(adapter.config), "layers": adapter.layers,
                                     "preset": getattr(args, "preset", None)}

@@ -167,7 +167,7 @@ def pool_hits(df: pd.DataFrame) -> pd.DataFrame:
 
 def reconstruction(pipe, n_sets: int = 16, views: int = 4, steps: int = 20, guidance: float = 1.0,
                    seed_start: int | None = None, layout: str = "train", given=(0,), progress: bool = False,
-                   return_sets: bool = False):
+                   return_sets: bool = False, reference_guidance: float = 1.0):
     """Tidy rows ``(scene, view, view_angle, method, psnr, ssim, iou)`` for generated views vs the rendered truth
     (``view_angle``: degrees between the view's and the first given view's optical axes).
 
@@ -175,6 +175,7 @@ def reconstruction(pipe, n_sets: int = 16, views: int = 4, steps: int = 20, guid
     ``copy reference`` (the first given view, unchanged), ``mean image`` (the mean target view of the other
     scenes of the evaluation).
     With ``return_sets`` also returns ``[(truth, generated)]`` :class:`MultiViewSet` pairs.
+    ``reference_guidance``: the pipeline's image guidance (1 = off).
     """
     from ..scenes import render_scene
     from .train import HELD_OUT_SEED_START
@@ -189,7 +190,7 @@ def reconstruction(pipe, n_sets: int = 16, views: int = 4, steps: int = 20, guid
         truth = render_scene(seed, views, size, layout)
         ref = {int(v): truth.images[v] for v in given}
         gen = pipe(truth.prompt, cameras=truth.cameras, reference=ref, num_inference_steps=steps,
-                   guidance_scale=guidance, seed=seed, progress=False)
+                   guidance_scale=guidance, seed=seed, progress=False, reference_guidance=reference_guidance)
         sets.append((truth, gen))
     targets = [v for v in range(views) if v not in given]
     total = torch.stack([tr.images[targets].double().mean(0) for tr, _ in sets]).sum(0)

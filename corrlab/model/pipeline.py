@@ -17,7 +17,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from ..errors import CorrlabError, ShapeError, ValueRangeError, WeightsNotFoundError, check_shape, describe
+from ..errors import (
+    CorrlabError, ShapeError, ValueRangeError, WeightsNotFoundError, check_shape, describe, is_nonnegative_number,
+)
 from ..geometry import Camera
 from .dit import MultiViewDiT
 from .rays import plucker_ray_embeds
@@ -143,12 +145,19 @@ class CorrlabPipeline:
         ray_embeds: torch.Tensor,
         guidance_scale: float = DEFAULT_GUIDANCE,
         given: torch.Tensor | None = None,
+        reference_guidance: float = 1.0,
+        reference_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Guided velocity: ``x (B, V, 3, H, W)``, ``t (B,)`` or float, ``prompt_embeds (B, D)``,
         ``ray_embeds (B, V, 6, h, w)``, ``given (B, V)`` bool reference views (or None) -> ``(B, V, 3, H, W)``.
 
-        One batched model call: with ``guidance_scale == 1`` the conditional prediction alone, else
-        ``v_null + g (v_cond - v_null)`` with the null prompt, conditional and unconditional stacked.
+        One batched model call, branches stacked ``[cond, text-null, reference-null]`` (those needed):
+        ``v = v_cond + (g - 1) (v_cond - v_text_null) + (r - 1) (v_cond - v_ref_null)`` with ``g`` =
+        ``guidance_scale`` (the null prompt, references kept) and ``r`` = ``reference_guidance`` (the prompt
+        kept, no view given: the given views enter as ``(1 - t) x + t reference_noise``, a generated view at
+        level ``t``, so the model sees no clean reference). ``g = r = 1``: the conditional prediction alone;
+        ``r = 1``: ``v_null + g (v_cond - v_null)``. ``r != 1`` needs ``given`` and ``reference_noise``
+        ``(B, V, 3, H, W)``.
         """
         if x.ndim != 5:
             raise CorrlabError(f"x: expected shape (B, V, 3, H, W), got {describe(x)}")
@@ -159,18 +168,50 @@ class CorrlabPipeline:
         check_shape("t", t, (B,), expected=f"({B},) or a float")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueRangeError(f"guidance_scale: expected a number >= 0, got {guidance_scale!r}")
+        if not is_nonnegative_number(reference_guidance):
+            raise ValueRangeError(f"reference_guidance: expected a number >= 0, got {reference_guidance!r}")
+        ref_null = reference_guidance != 1.0
+        if ref_null:
+            if given is None:
+                raise CorrlabError("reference_guidance: a value other than 1 needs reference views (given), got none")
+            check_shape("reference_noise", reference_noise, tuple(x.shape), expected=f"{tuple(x.shape)} (like x)")
+        text_null = guidance_scale != 1.0
         kw = {} if given is None else {"given": given}
-        if guidance_scale == 1.0:
+        if not (text_null or ref_null):
             return self.model(x, t, prompt_embeds, ray_embeds, **kw)
-        null = self.model.null_prompt_embeds(B).to(prompt_embeds)
+        if not ref_null:  # text guidance alone: the one formula of every earlier release (bit-identical outputs)
+            null = self.model.null_prompt_embeds(B).to(prompt_embeds)
+            if given is not None:
+                kw = {"given": torch.cat([given, given])}
+            v = self.model(
+                torch.cat([x, x]), torch.cat([t, t]), torch.cat([prompt_embeds, null]),
+                torch.cat([ray_embeds, ray_embeds]), **kw,
+            )
+            v_cond, v_null = v.chunk(2)
+            return v_null + guidance_scale * (v_cond - v_null)
+        xs, prompts, givens = [x], [prompt_embeds], [given]
+        if text_null:
+            xs.append(x)
+            prompts.append(self.model.null_prompt_embeds(B).to(prompt_embeds))
+            givens.append(given)
+        if ref_null:
+            g5 = given[:, :, None, None, None]
+            tb = t.to(x.dtype)[:, None, None, None, None]
+            xs.append(torch.where(g5, (1.0 - tb) * x + tb * reference_noise.to(x), x))
+            prompts.append(prompt_embeds)
+            givens.append(torch.zeros_like(given))
+        n = len(xs)
         if given is not None:
-            kw = {"given": torch.cat([given, given])}
-        v = self.model(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([prompt_embeds, null]), torch.cat([ray_embeds, ray_embeds]),
-            **kw,
-        )
-        v_cond, v_null = v.chunk(2)
-        return v_null + guidance_scale * (v_cond - v_null)
+            kw = {"given": torch.cat(givens)}
+        v = self.model(torch.cat(xs), torch.cat([t] * n), torch.cat(prompts), torch.cat([ray_embeds] * n), **kw)
+        parts = v.chunk(n)
+        v_cond, out, k = parts[0], parts[0], 1
+        if text_null:
+            out = out + (guidance_scale - 1.0) * (v_cond - parts[k])
+            k += 1
+        if ref_null:
+            out = out + (reference_guidance - 1.0) * (v_cond - parts[k])
+        return out
 
     # ------------------------------------------------------------------ sampling
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
@@ -193,12 +234,17 @@ class CorrlabPipeline:
         progress: bool = True,
         size: int | None = None,
         reference: dict | None = None,
+        reference_guidance: float = 1.0,
     ):
         """Generate one set per prompt: a ``MultiViewSet`` (or a list of them for a list of prompts).
 
         ``reference`` ``{view index: image (3, H, W) in [0, 1]}`` gives those views as clean references
         (image-conditioned generation): they enter the model clean, flagged as given, are kept fixed, and are
         returned unchanged; the other views are generated. ``meta["given_views"]`` lists them.
+        ``reference_guidance`` ``r`` (image guidance, as in Zero123): ``r > 1`` pushes the generated views
+        further from what the model predicts without any reference, ``v_cond + (r - 1) (v_cond - v_ref_null)``
+        (see :meth:`velocity`); 1 (default) = off. The reference-null branch's noise for the given views is
+        drawn from the generator after the initial noise, so ``r = 1`` draws exactly what earlier releases drew.
 
         ``cameras`` None -> ``corrlab.scenes.sample_cameras(seed, num_views, size, layout="train")``
         (the same cameras for every prompt of the call). The initial noise comes from ``generator`` when
@@ -222,11 +268,20 @@ class CorrlabPipeline:
                 raise CorrlabError(f"cameras[{i}]: expected a corrlab.geometry.Camera, got {describe(cam)}")
         B, V = len(prompts), len(cameras)
         given, ref = self.reference_views(reference, V, size)
+        if not is_nonnegative_number(reference_guidance):
+            raise ValueRangeError(f"reference_guidance: expected a number >= 0, got {reference_guidance!r}")
+        if reference_guidance != 1.0 and given is None:
+            raise CorrlabError(
+                f"reference_guidance: {reference_guidance!r} needs reference views (reference={{view: image}}), got none"
+            )
         if generator is None:
             generator = torch.Generator().manual_seed(int(seed))
         prompt_embeds = self.encode_prompt(prompts)
         rays = self.ray_embeds(cameras, size)[None].expand(B, -1, -1, -1, -1)
         x = torch.randn((B, V, 3, size, size), generator=generator, dtype=torch.float32).to(self.device)
+        ref_noise = None
+        if reference_guidance != 1.0:
+            ref_noise = torch.randn((B, V, 3, size, size), generator=generator, dtype=torch.float32).to(self.device)
         given_b = None
         if given is not None:
             given_b = given[None].expand(B, -1).to(self.device)
@@ -237,7 +292,8 @@ class CorrlabPipeline:
         self.model.eval()
         try:
             for i in tqdm(range(num_inference_steps), desc="sampling", disable=not progress, leave=False):
-                v = self.velocity(x, float(ts[i]), prompt_embeds, rays, guidance_scale, given=given_b)
+                v = self.velocity(x, float(ts[i]), prompt_embeds, rays, guidance_scale, given=given_b,
+                                  reference_guidance=reference_guidance, reference_noise=ref_noise)
                 if given_b is not None:
                     v = v.masked_fill(given_b[:, :, None, None, None], 0.0)  # references stay clean
                 x = x + (float(ts[i + 1]) - float(ts[i])) * v
@@ -247,6 +303,8 @@ class CorrlabPipeline:
         if given is not None:
             images[:, given] = ref[given].cpu()  # bit-exact copies of the given images
         meta = {"num_inference_steps": num_inference_steps, "guidance_scale": float(guidance_scale), "generated": True}
+        if reference_guidance != 1.0:
+            meta["reference_guidance"] = float(reference_guidance)
         if given is not None:
             meta["given_views"] = [int(v) for v in torch.nonzero(given).flatten()]
         result = self._sets(images, cameras, prompts, seed, meta, single)
