@@ -415,6 +415,27 @@ def test_panel_image_conditioned_passes_cameras_and_reference(unet_pipe, scene):
     assert "PSNR vs truth" in panel.summary.value and no_hooks(unet_pipe.model)
 
 
+def test_panel_image_guidance_slider_drives_the_pipeline(unet_pipe, pipe, scene):
+    ref = {0: scene.images[0]}
+    kw = dict(seed=0, num_views=3, num_inference_steps=STEPS, size=SIZE, cameras=scene.cameras)
+    panel = InterventionPanel(unet_pipe, scene.prompt, reference=ref, **kw)
+    assert not panel.reference_guidance.disabled and panel.reference_guidance.value == 1.0
+    off = panel.run()
+    panel.reference_guidance.value = 2.5
+    on = panel.run()
+    assert panel.last_error is None, panel.message.value
+    direct = unet_pipe(scene.prompt, reference=ref, reference_guidance=2.5, num_inference_steps=STEPS, seed=0,
+                       size=SIZE, cameras=scene.cameras, progress=False)
+    assert torch.equal(on["before"], direct.images)  # exact: the panel's call is the pipeline's own, same arguments
+    assert not torch.equal(on["before"][1:], off["before"][1:])  # not the cached R = 1 generation
+    assert InterventionPanel(pipe, "red box", seed=0, num_views=3, num_inference_steps=STEPS,
+                             size=SIZE).reference_guidance.disabled  # text-only: not applicable
+    with pytest.raises(CorrlabError, match="reference_guidance: 2.0 needs reference views"):
+        InterventionPanel(pipe, "red box", reference_guidance=2.0, **kw)
+    with pytest.raises(CorrlabError, match="reference_guidance: expected a number >= 0"):
+        InterventionPanel(unet_pipe, scene.prompt, reference=ref, reference_guidance=-1.0, **kw)
+
+
 def test_panel_segment_transport_is_text_only(unet_pipe, scene):
     panel = InterventionPanel(unet_pipe, scene.prompt, seed=0, num_views=3, num_inference_steps=STEPS, size=SIZE,
                               cameras=scene.cameras, reference={0: scene.images[0]})

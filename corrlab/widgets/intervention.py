@@ -186,12 +186,15 @@ class InterventionPanel:
             with). Needs a model that takes reference views (``pipeline.supports_reference``). Segment
             transport is text-only: with a reference its toggle is disabled, and running it raises
             :class:`~corrlab.errors.CorrlabError`.
+        reference_guidance: initial value of the "image guidance R" slider (1 = off; see
+            :meth:`corrlab.model.CorrlabPipeline.__call__`), which applies to every generation with a reference and
+            is disabled without one.
         truth: ``(num_views, 3, S, S)`` rendered views of the same scene, or None: adds a "rendered truth" row
             to the images, ``PSNR vs truth (dB)`` and ``SSIM vs truth`` of the generated (non-reference) views
             to the summary, and the SSIM to the metrics figure.
 
     Attributes: toggles ``corr_adapter_on, segment_on``; CorrAdapter parameters ``eta, radius,
-    active_steps, refresh_every``; segment parameters ``prompt_b, k, strength, mode``; ``run_button``,
+    active_steps, refresh_every``; image guidance ``reference_guidance``; segment parameters ``prompt_b, k, strength, mode``; ``run_button``,
     ``progress``; figures ``images`` (before / after) and ``metrics``; ``summary`` and ``message``
     (HTML); ``widget``; after a run ``last_result`` (dict of images and the metrics table).
     """
@@ -200,7 +203,7 @@ class InterventionPanel:
                  num_inference_steps: int = 10, size: int | None = None, guidance_scale: float | None = None,
                  corr_adapter: Callable | None = None, generate_pair: Callable | None = None,
                  measure: Callable | None = None, cameras: Sequence | None = None, reference: dict | None = None,
-                 truth: Any = None):
+                 truth: Any = None, reference_guidance: float = 1.0):
         if not callable(pipeline) or not isinstance(getattr(pipeline, "model", None), torch.nn.Module):
             raise CorrlabError(f"pipeline: expected a CorrlabPipeline (callable with a .model), got {describe(pipeline)}")
         self.pipeline = pipeline
@@ -210,6 +213,12 @@ class InterventionPanel:
                              size=size, guidance_scale=float(guidance_scale))
         self.conditioning = _check_conditioning(pipeline, int(num_views), size, cameras, reference)
         self.given_views = sorted(self.conditioning.get("reference", {}))
+        from ..errors import ValueRangeError, is_nonnegative_number
+
+        if not is_nonnegative_number(reference_guidance):
+            raise ValueRangeError(f"reference_guidance: expected a number >= 0, got {reference_guidance!r}")
+        if reference_guidance != 1.0 and not self.given_views:
+            raise CorrlabError(f"reference_guidance: {reference_guidance!r} needs reference views (reference=), got none")
         self.truth = _check_truth(truth, int(num_views), size or getattr(pipeline, "sample_size", None))
         self._corr_adapter = corr_adapter
         self._generate_pair = generate_pair
@@ -224,6 +233,10 @@ class InterventionPanel:
         style = {"description_width": "150px"}
         n = int(num_inference_steps)
         self.prompt = widgets.Text(value=prompt, description="prompt", style=style)
+        self.reference_guidance = widgets.FloatSlider(
+            value=float(reference_guidance), min=0.0, max=max(5.0, float(reference_guidance)), step=0.5,
+            description="image guidance R", style=style, continuous_update=False, disabled=not self.given_views,
+            tooltip="1 = off; > 1 pushes the generated views away from the model's reference-free prediction")
         self.corr_adapter_on = widgets.Checkbox(value=False, description="CorrAdapter", indent=False)
         self.eta = widgets.FloatSlider(value=defaults.eta, min=0.0, max=1.0, step=0.05, description="eta (1 = adapter off)",
                                        style=style, continuous_update=False)
@@ -261,7 +274,7 @@ class InterventionPanel:
         self.widget = widgets.VBox([
             widgets.HTML("<b>Intervention panel</b>: toggle an intervention, press Run, compare before / after "
                          f"<i>({setting}; segment transport is text-only)</i>"),
-            self.prompt, widgets.HBox([adapter_box, segment_box]),
+            widgets.HBox([self.prompt, self.reference_guidance]), widgets.HBox([adapter_box, segment_box]),
             widgets.HBox([self.run_button, self.progress]), self.message, self.summary,
             self.images, self.metrics,
         ])
@@ -317,11 +330,19 @@ class InterventionPanel:
                              transport=config, progress=False)
         return pair.set_a.images, pair.set_b.images
 
+    def _reference_guidance(self) -> float | None:
+        """The image guidance slider's value with reference views, else None (not applicable)."""
+        return float(self.reference_guidance.value) if self.given_views else None
+
     def _generate(self, prompt: str):
         s = self.settings
+        extra = {}
+        r = self._reference_guidance()
+        if r is not None and r != 1.0:
+            extra["reference_guidance"] = r
         return self.pipeline(prompt, num_views=s["num_views"], num_inference_steps=s["num_inference_steps"],
                              guidance_scale=s["guidance_scale"], seed=s["seed"], size=s["size"], progress=False,
-                             **self.conditioning)
+                             **self.conditioning, **extra)
 
     # ------------------------------------------------------------------ run
     @guarded
@@ -336,7 +357,7 @@ class InterventionPanel:
             raise CorrlabError(f"segment_on: segment transport is text-only (a pair of prompts), but this panel has "
                                f"reference views {self.given_views}; make a panel without reference= for it")
         steps = self.settings["num_inference_steps"]
-        key = (prompt, segment, self.prompt_b.value if segment else None)
+        key = (prompt, segment, self.prompt_b.value if segment else None, self._reference_guidance())
         # generations to run: the cached "before" (once per key) and the intervened one (a plain run without
         # any intervention is the "before" itself: the sampler is deterministic in the seed)
         n_runs = (key not in self._before_cache) + (segment or bool(self.corr_adapter_on.value))
