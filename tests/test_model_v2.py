@@ -293,6 +293,29 @@ def test_shipped_image_conditioned_model_generates_from_a_reference():
     assert mvs.images.shape == truth.images.shape and torch.isfinite(mvs.images).all()
 
 
+def test_shipped_reference_path_variant_loads_generates_and_refuses_the_default_models_lora():
+    """data/corrlab-mvunet-s-ref: the gated reference-path fine-tune (not the default). It loads by name with its
+    path and gate, samples an image-conditioned set with image guidance (given view copied through), its weight
+    file stays <= 16 MiB, and the CorrAdapter* LoRA of the default model refuses it (another base)."""
+    from pathlib import Path
+
+    from corrlab.model import load_default
+
+    root = Path(corrlab.__file__).resolve().parent.parent / "data" / "corrlab-mvunet-s-ref"
+    assert (root / "model" / "diffusion_pytorch_model.safetensors").stat().st_size <= 16 * 2**20
+    pipe = load_default("corrlab-mvunet-s-ref")
+    cfg = pipe.model.config
+    assert isinstance(pipe.model, MultiViewUNet) and cfg.reference_concat and cfg.reference_gate_degrees == 20.0
+    assert float(pipe.model.conv_in_reference.weight.abs().mean()) > 1e-3  # the path was trained (zero-initialised)
+    truth = render_scene(1_000_123, 3, pipe.sample_size, "random")
+    mvs = pipe(truth.prompt, cameras=truth.cameras, reference={0: truth.images[0]}, guidance_scale=1.0,
+               reference_guidance=3.0, num_inference_steps=2, seed=0, progress=False)
+    assert torch.equal(mvs.images[0], truth.images[0])  # exact: the given view is copied through
+    assert mvs.images.shape == truth.images.shape and torch.isfinite(mvs.images).all()
+    with pytest.raises(CorrlabError, match="base"):
+        load_default("corrlab-mvunet-s-ref", lora="corrlab-mvunet-s-corrstar")
+
+
 def test_the_default_model_is_v2(monkeypatch):
     """Without --model / $CORRLAB_MODEL every entry point loads the embedded model v2 (a reference-conditioned
     MultiViewUNet with the epipolar bias), not the v1 DiT."""
