@@ -136,9 +136,6 @@ def run(args: argparse.Namespace) -> int:
     adapter = _corr_adapter(args, pipe)
     extra = {"reference": reference} if reference else {}
     if args.reference_guidance is not None:
-        if not reference:
-            raise CorrlabError(f"--reference-guidance: expected together with --reference SET_DIR, got "
-                               f"{args.reference_guidance} without it")
         extra["reference_guidance"] = args.reference_guidance
     with adapter if adapter is not None else contextlib.nullcontext():
         mvs = sample_embedded(pipe, args, cameras, size, args.steps, **extra)
@@ -160,6 +157,9 @@ def load_reference(args: argparse.Namespace, cameras, size):
 
     if args.reference_views is not None and not args.reference:
         raise CorrlabError("--reference-views: expected together with --reference SET_DIR, got it without")
+    if args.reference_guidance is not None and not args.reference:
+        raise CorrlabError(f"--reference-guidance: expected together with --reference SET_DIR, got "
+                           f"{args.reference_guidance} without it")
     if not args.reference:
         return None, cameras, size
     from ..sets import load_set

@@ -34,6 +34,15 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
 
 
+def check_reference_guidance(reference_guidance, has_reference: bool) -> None:
+    """The one check of an image guidance value: a finite number >= 0 (:class:`ValueRangeError`), and a value other
+    than 1 (off) only with reference views (:class:`CorrlabError`). Used by the pipeline and the panels."""
+    if not is_nonnegative_number(reference_guidance):
+        raise ValueRangeError(f"reference_guidance: expected a number >= 0, got {reference_guidance!r}")
+    if reference_guidance != 1.0 and not has_reference:
+        raise CorrlabError(f"reference_guidance: {reference_guidance!r} needs reference views, got none")
+
+
 def default_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
     """The Euler flow-matching scheduler the embedded model samples with (sigma = corrlab's t)."""
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -168,27 +177,14 @@ class CorrlabPipeline:
         check_shape("t", t, (B,), expected=f"({B},) or a float")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueRangeError(f"guidance_scale: expected a number >= 0, got {guidance_scale!r}")
-        if not is_nonnegative_number(reference_guidance):
-            raise ValueRangeError(f"reference_guidance: expected a number >= 0, got {reference_guidance!r}")
+        check_reference_guidance(reference_guidance, given is not None)
         ref_null = reference_guidance != 1.0
         if ref_null:
-            if given is None:
-                raise CorrlabError("reference_guidance: a value other than 1 needs reference views (given), got none")
             check_shape("reference_noise", reference_noise, tuple(x.shape), expected=f"{tuple(x.shape)} (like x)")
         text_null = guidance_scale != 1.0
         kw = {} if given is None else {"given": given}
         if not (text_null or ref_null):
             return self.model(x, t, prompt_embeds, ray_embeds, **kw)
-        if not ref_null:  # text guidance alone: the one formula of every earlier release (bit-identical outputs)
-            null = self.model.null_prompt_embeds(B).to(prompt_embeds)
-            if given is not None:
-                kw = {"given": torch.cat([given, given])}
-            v = self.model(
-                torch.cat([x, x]), torch.cat([t, t]), torch.cat([prompt_embeds, null]),
-                torch.cat([ray_embeds, ray_embeds]), **kw,
-            )
-            v_cond, v_null = v.chunk(2)
-            return v_null + guidance_scale * (v_cond - v_null)
         xs, prompts, givens = [x], [prompt_embeds], [given]
         if text_null:
             xs.append(x)
@@ -206,8 +202,8 @@ class CorrlabPipeline:
         v = self.model(torch.cat(xs), torch.cat([t] * n), torch.cat(prompts), torch.cat([ray_embeds] * n), **kw)
         parts = v.chunk(n)
         v_cond, out, k = parts[0], parts[0], 1
-        if text_null:
-            out = out + (guidance_scale - 1.0) * (v_cond - parts[k])
+        if text_null:  # written v_null + g (v_cond - v_null), as in every earlier release (bit-identical outputs)
+            out = parts[k] + guidance_scale * (v_cond - parts[k])
             k += 1
         if ref_null:
             out = out + (reference_guidance - 1.0) * (v_cond - parts[k])
@@ -268,12 +264,7 @@ class CorrlabPipeline:
                 raise CorrlabError(f"cameras[{i}]: expected a corrlab.geometry.Camera, got {describe(cam)}")
         B, V = len(prompts), len(cameras)
         given, ref = self.reference_views(reference, V, size)
-        if not is_nonnegative_number(reference_guidance):
-            raise ValueRangeError(f"reference_guidance: expected a number >= 0, got {reference_guidance!r}")
-        if reference_guidance != 1.0 and given is None:
-            raise CorrlabError(
-                f"reference_guidance: {reference_guidance!r} needs reference views (reference={{view: image}}), got none"
-            )
+        check_reference_guidance(reference_guidance, given is not None)
         if generator is None:
             generator = torch.Generator().manual_seed(int(seed))
         prompt_embeds = self.encode_prompt(prompts)

@@ -213,12 +213,9 @@ class InterventionPanel:
                              size=size, guidance_scale=float(guidance_scale))
         self.conditioning = _check_conditioning(pipeline, int(num_views), size, cameras, reference)
         self.given_views = sorted(self.conditioning.get("reference", {}))
-        from ..errors import ValueRangeError, is_nonnegative_number
+        from ..model.pipeline import check_reference_guidance
 
-        if not is_nonnegative_number(reference_guidance):
-            raise ValueRangeError(f"reference_guidance: expected a number >= 0, got {reference_guidance!r}")
-        if reference_guidance != 1.0 and not self.given_views:
-            raise CorrlabError(f"reference_guidance: {reference_guidance!r} needs reference views (reference=), got none")
+        check_reference_guidance(reference_guidance, bool(self.given_views))
         self.truth = _check_truth(truth, int(num_views), size or getattr(pipeline, "sample_size", None))
         self._corr_adapter = corr_adapter
         self._generate_pair = generate_pair
