@@ -174,6 +174,9 @@ def test_reference_guidance_is_the_documented_combination_of_branches():
         for bad in (-1.0, float("nan"), float("inf"), True, "2"):
             with pytest.raises(ValueRangeError, match="reference_guidance"):
                 pipe.velocity(x, t, pe, rays, 1.0, given=given, reference_guidance=bad, reference_noise=noise)
+        for bad in (-1.0, float("nan"), float("inf"), True, "2"):
+            with pytest.raises(ValueRangeError, match="guidance_scale"):
+                pipe.velocity(x, t, pe, rays, bad, given=given)
         with pytest.raises(CorrlabError, match="reference_guidance"):
             pipe.velocity(x, t, pe, rays, 1.0, reference_guidance=2.0, reference_noise=noise)
         with pytest.raises(ShapeError, match="reference_noise"):
@@ -197,6 +200,9 @@ def test_pipeline_reference_guidance_changes_only_generated_views_and_is_seeded(
         pipe(truth.prompt, cameras=truth.cameras, reference_guidance=2.0, num_inference_steps=1, progress=False)
     with pytest.raises(ValueRangeError, match="reference_guidance"):
         pipe(truth.prompt, reference_guidance=-0.5, **{**kw, "num_inference_steps": 1})
+    for bad in (float("nan"), float("inf"), False):
+        with pytest.raises(ValueRangeError, match="guidance_scale"):
+            pipe(truth.prompt, guidance_scale=bad, **{**kw, "num_inference_steps": 1})
 
 
 def test_dit_without_reference_conditioning_refuses_references():

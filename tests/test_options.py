@@ -115,7 +115,8 @@ def test_aggregation_options_errors_name_the_field(field, value):
 def test_sampling_options_validate_and_give_the_pipeline_call():
     s = SamplingOptions(num_views=2, num_inference_steps=4)
     assert s.pipeline_kwargs() == {"num_views": 2, "num_inference_steps": 4}
-    for field, value in (("num_views", 0), ("num_inference_steps", 0), ("size", True), ("guidance_scale", -1.0)):
+    for field, value in (("num_views", 0), ("num_inference_steps", 0), ("size", True), ("guidance_scale", -1.0),
+                         ("guidance_scale", float("nan")), ("guidance_scale", float("inf")), ("guidance_scale", True)):
         with pytest.raises(ValueRangeError, match=field):
             SamplingOptions(**{field: value})
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corrlab.errors import CorrlabError, ShapeError
+from corrlab.errors import CorrlabError, ShapeError, ValueRangeError
 from corrlab.interventions import (
     MODES,
     ConstantSmoothing,
@@ -222,6 +222,11 @@ def test_bad_inputs_raise_named_errors():
         segment_transport(field, noise, ca, cb, ts, smoothing_schedule=lambda s: 1.5, progress=False)
     with pytest.raises(CorrlabError, match="k"):
         SegmentTransportConfig(k=1)
+    from corrlab.interventions.velocity_adapters import WanVelocity
+
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueRangeError, match="guidance_scale"):
+            WanVelocity(object(), guidance_scale=bad)
 
 
 def test_alpha_sweep_lies_on_the_final_segment():

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from ..errors import CorrlabError, ValueRangeError, describe
+from ..model.pipeline import check_guidance_scale
 from .transport import SegmentResult, SegmentTransportConfig, alpha_sweep, segment_transport
 from .velocity_adapters import embedded_velocity_fn
 
@@ -42,9 +43,8 @@ class SamplingOptions:
             v = getattr(self, name)
             if (v is not None or name == "num_views") and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueRangeError(f"{name}: expected {'None or ' if name != 'num_views' else ''}an int >= {low}, got {v!r}")
-        g = self.guidance_scale
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0):
-            raise ValueRangeError(f"guidance_scale: expected None or a number >= 0, got {g!r}")
+        if self.guidance_scale is not None:
+            check_guidance_scale(self.guidance_scale)
 
     def pipeline_kwargs(self) -> dict:
         """The keyword arguments of ``CorrlabPipeline.__call__`` (those set; the others keep its defaults)."""

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CorrlabError, ShapeError, ValueRangeError, describe
+from ..errors import CorrlabError, ShapeError, describe
+from ..model.pipeline import check_guidance_scale
 
 __all__ = [
     "embedded_velocity_fn",
@@ -190,8 +191,7 @@ class WanVelocity:
     def __init__(self, transformer, negative: torch.Tensor | None = None, guidance_scale: float = 1.0):
         if negative is not None and (not isinstance(negative, torch.Tensor) or negative.dim() != 2):
             raise ShapeError(f"negative: expected negative prompt embeddings of shape (L, D_text), got {describe(negative)}")
-        if guidance_scale < 0:
-            raise ValueRangeError(f"guidance_scale: expected a number >= 0, got {guidance_scale!r}")
+        check_guidance_scale(guidance_scale)
         self.transformer = transformer
         self.negative = negative
         self.guidance_scale = float(guidance_scale)

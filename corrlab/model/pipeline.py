@@ -34,6 +34,13 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
 
 
+def check_guidance_scale(guidance_scale) -> None:
+    """The one check of a text (classifier-free) guidance value: a finite number >= 0, not a bool
+    (:class:`ValueRangeError` naming ``guidance_scale`` otherwise)."""
+    if not is_nonnegative_number(guidance_scale):
+        raise ValueRangeError(f"guidance_scale: expected a finite number >= 0, got {guidance_scale!r}")
+
+
 def check_reference_guidance(reference_guidance, has_reference: bool) -> None:
     """The one check of an image guidance value: a finite number >= 0 (:class:`ValueRangeError`), and a value other
     than 1 (off) only with reference views (:class:`CorrlabError`). Used by the pipeline and the panels."""
@@ -175,8 +182,7 @@ class CorrlabPipeline:
         if t.ndim == 0:
             t = t.expand(B)
         check_shape("t", t, (B,), expected=f"({B},) or a float")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueRangeError(f"guidance_scale: expected a number >= 0, got {guidance_scale!r}")
+        check_guidance_scale(guidance_scale)
         check_reference_guidance(reference_guidance, given is not None)
         ref_null = reference_guidance != 1.0
         if ref_null:
@@ -264,6 +270,7 @@ class CorrlabPipeline:
                 raise CorrlabError(f"cameras[{i}]: expected a corrlab.geometry.Camera, got {describe(cam)}")
         B, V = len(prompts), len(cameras)
         given, ref = self.reference_views(reference, V, size)
+        check_guidance_scale(guidance_scale)
         check_reference_guidance(reference_guidance, given is not None)
         if generator is None:
             generator = torch.Generator().manual_seed(int(seed))
