@@ -209,7 +209,9 @@ class CorrAdapterConfig:
         shared_guidance_cache: (quirk, SyncDreamer release) one cache of matches per layer and view pair for
             the whole batch: at a refresh every batch entry matches on its own, and the cache keeps the last
             entry's matches, which every entry then reuses until the next refresh; under classifier-free
-            guidance batched ``[cond, uncond]`` the conditional half reuses the unconditional half's matches.
+            guidance batched ``[cond, uncond]`` the conditional half reuses the unconditional half's matches
+            (corrlab's pipeline with image guidance batches the branches in use of ``[cond, text-null,
+            reference-null]``: every branch then reuses the reference-null branch's matches, the last entry's).
             Default False: one cache per batch entry.
         window: ``"square"`` ``(2r+1)^2`` window, ``"row"`` 1-D window of 2r+1 tokens along the row (for
             row-wise multi-view attention), ``"auto"`` (default): row where the layer's layout is ``row_wise``,
